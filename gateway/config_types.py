@@ -1,0 +1,158 @@
+"""Typed, frozen configuration objects. Parsing and validation live in `gateway.config`.
+
+Durations are float seconds; addresses are parsed into host and port once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from gateway.events import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerConfig:
+    """One listener (e.g. `server.tcp.plain`)."""
+
+    #: Key path, e.g. "server.tcp.tls", for log lines and errors.
+    name: str
+    #: The address as written (":1883", "127.0.0.1:0", "[::1]:1883").
+    addr: str
+    #: "" means every interface.
+    host: str
+    port: int
+    max_connections: int = 0
+    #: TLS settings; all None for a plain listener.
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    #: "none" | "optional" | "require" (mTLS).
+    client_auth: str = "none"
+    #: WebSocket path (server.websocket.*), e.g. "/mqtt".
+    path: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    #: Enabled listeners only, by kind: "tcp", "websocket", "http", "coap", "amqp", "amqp091".
+    tcp: tuple[ListenerConfig, ...] = ()
+    websocket: tuple[ListenerConfig, ...] = ()
+    http: tuple[ListenerConfig, ...] = ()
+    coap: tuple[ListenerConfig, ...] = ()
+    amqp: tuple[ListenerConfig, ...] = ()
+    amqp091: tuple[ListenerConfig, ...] = ()
+    #: Health/ready/metrics listener; None when disabled.
+    health: ListenerConfig | None = None
+    #: Bounded time for in-flight work at shutdown.
+    shutdown_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreakerConfig:
+    failures: int = 5
+    open_for: float = 10.0
+    half_open_requests: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSClientConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AtomConfig:
+    grpc_addr: str = ""
+    insecure: bool = True
+    ca_file: str = ""
+    service_token_env: str = "POLYGATE_ATOM_SERVICE_TOKEN"
+    topic_format: str = "magistrala"
+    authn_cache_ttl: float = 30.0
+    alias_cache_ttl: float = 300.0
+    decision_cache_ttl: float = 0.0
+    unsupported_topic_policy: str = "deny"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalConfig:
+    db: str = "./polygate-auth.db"
+    allow_anonymous: bool = False
+    root_username_env: str = "POLYGATE_ROOT_USERNAME"
+    root_password_env: str = "POLYGATE_ROOT_PASSWORD"
+
+
+def _all_protocols() -> Mapping[Protocol, bool]:
+    return MappingProxyType({p: True for p in Protocol})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    #: "local" | "callout" | "atom" | "none" (or a registered third-party name).
+    provider: str = "local"
+    timeout: float = 2.0
+    #: Every Protocol is a key; False means operations on it are not checked.
+    protocols: Mapping[Protocol, bool] = field(default_factory=_all_protocols)
+    identity_cache_size: int = 50000
+    identity_cache_ttl: float = 3600.0
+    authn_cache_ttl: float = 30.0
+    decision_cache_ttl: float = 0.0
+    negative_cache_ttl: float = 0.0
+    #: "drop" | "disconnect"
+    deny_publish_action: str = "drop"
+    # callout
+    url: str = ""
+    transport: str = "grpc"
+    grpc_package: str = "auto"
+    retries: int = 1
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    tls: TLSClientConfig | None = None
+    max_inflight: int = 1000
+    stale_if_error: float = 0.0
+    atom: AtomConfig = field(default_factory=AtomConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateConfig:
+    enabled: bool = True
+    #: Tokens per second.
+    rate: float = 50.0
+    burst: int = 200
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RatelimitConfig:
+    enabled: bool = False
+    #: Per source IP: new connections (and HTTP/CoAP requests).
+    connection: RateConfig = field(default_factory=lambda: RateConfig(rate=50.0, burst=200))
+    #: Per client: messages published.
+    message: RateConfig = field(default_factory=lambda: RateConfig(rate=500.0, burst=2000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_message_size: int = 1048576
+    max_topic_length: int = 1024
+    #: Per subscriber: messages waiting to be sent; overflow is counted and logged.
+    max_queued_messages: int = 1000
+    #: MQTT: QoS 1/2 messages sent and not yet acknowledged, per session.
+    max_inflight_messages: int = 100
+    #: Retained messages kept by the router (0 = no cap).
+    max_retained_messages: int = 100000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    ratelimit: RatelimitConfig = field(default_factory=RatelimitConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: The file it came from, None for the built-in defaults.
+    source: str | None = None

@@ -1,0 +1,96 @@
+"""The provider interface every auth provider implements, and how one is found by name.
+
+Providers know no protocol beyond what the event carries and keep no cache:
+caching, coalescing and admission control wrap any provider from outside
+(`gateway.dispatcher`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from gateway.errors import ProviderError
+from gateway.events import AuthEvent, Decision, Identity
+
+if TYPE_CHECKING:
+    from gateway.config import AuthConfig, LimitsConfig
+
+ENTRY_POINT_GROUP = "polygate.auth_providers"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderContext:
+    """What a provider may use besides its config."""
+
+    auth: AuthConfig
+    limits: LimitsConfig
+    #: Call when the provider's own data changed (users, ACLs) so cached
+    #: decisions are dropped; connected clients then see the change at once.
+    invalidate_caches: Callable[[], None] = field(default=lambda: None)
+
+
+@runtime_checkable
+class AuthProvider(Protocol):
+    """One narrow interface: authenticate a connect, authorize a publish/subscribe."""
+
+    async def start(self) -> None:
+        """Open connections, load data. Must not fail because a remote service is down."""
+
+    async def aclose(self) -> None:
+        """Release everything `start` opened."""
+
+    async def authenticate(self, event: AuthEvent) -> Decision:
+        """Check the credentials of a CONNECT event. An allow carries the resolved Identity."""
+
+    async def authorize(self, event: AuthEvent, identity: Identity) -> Decision:
+        """Decide a PUBLISH or SUBSCRIBE event for an authenticated identity."""
+
+    def ready(self) -> bool:
+        """True when the provider can answer (for `/ready`)."""
+
+
+class SyncAuthorizer(Protocol):
+    """Optional: providers that can decide in memory expose this fast path.
+
+    Returning None means "ask `authorize`"; the dispatcher then awaits.
+    """
+
+    def authorize_now(self, event: AuthEvent, identity: Identity) -> Decision | None: ...
+
+
+ProviderFactory = Callable[[ProviderContext], AuthProvider]
+
+_BUILTIN: dict[str, str] = {
+    "local": "auth_providers.local:LocalProvider",
+    "none": "auth_providers.none:AllowAllProvider",
+}
+
+
+def _load(target: str) -> ProviderFactory:
+    module_name, _, attr = target.partition(":")
+    module = __import__(module_name, fromlist=[attr])
+    return getattr(module, attr)
+
+
+def available_providers() -> set[str]:
+    names = set(_BUILTIN)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return names
+
+
+def find_provider(name: str) -> ProviderFactory:
+    """The factory registered under `name`: built-ins first, then the entry-point group."""
+    if name in _BUILTIN:
+        return _load(_BUILTIN[name])
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except Exception as exc:  # a broken third-party plugin must say so clearly
+                raise ProviderError(f"auth provider {name!r} failed to load: {exc}") from exc
+    raise ProviderError(
+        f"unknown auth provider {name!r}; available: {', '.join(sorted(available_providers()))}"
+    )
