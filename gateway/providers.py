@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from gateway.errors import ProviderError
-from gateway.events import AuthEvent, Decision, Identity
+from gateway.events import Action, AuthEvent, Decision, Identity
 
 if TYPE_CHECKING:
     from gateway.config import AuthConfig, LimitsConfig
@@ -55,10 +55,18 @@ class AuthProvider(Protocol):
 class SyncAuthorizer(Protocol):
     """Optional: providers that can decide in memory expose this fast path.
 
-    Returning None means "ask `authorize`"; the dispatcher then awaits.
+    It takes plain values rather than an `AuthEvent` because it runs per message
+    and building an event costs more than the decision itself. Returning None
+    means "ask `authorize`"; the dispatcher then awaits.
+
+    A provider whose answers depend on the client id (e.g. `%c` in ACLs) sets the
+    class attribute `decisions_depend_on_client_id = True` so the decision cache
+    keys on it too.
     """
 
-    def authorize_now(self, event: AuthEvent, identity: Identity) -> Decision | None: ...
+    def authorize_now(
+        self, action: Action, topic: str, client_id: str, identity: Identity
+    ) -> Decision | None: ...
 
 
 ProviderFactory = Callable[[ProviderContext], AuthProvider]

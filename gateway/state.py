@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any, Protocol as TypingProtocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol as TypingProtocol, TypeVar
 
 log = logging.getLogger("polygate.state")
+
+T = TypeVar("T")
 
 
 class Connection(TypingProtocol):
@@ -24,7 +26,16 @@ class GatewayState:
         self._connections: dict[str, set[Connection]] = {}
         self._limits: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._shared: dict[str, Any] = {}
         self.shutting_down = False
+
+    def shared(self, key: str, factory: Callable[[], T]) -> T:
+        """One object per gateway shared by listeners of one protocol (e.g. MQTT sessions)."""
+        try:
+            return self._shared[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._shared[key] = factory()
+            return value
 
     def set_limit(self, listener: str, max_connections: int) -> None:
         self._limits[listener] = max_connections

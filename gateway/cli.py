@@ -1,0 +1,113 @@
+"""The `polygate` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.errors import ConfigError, PolygateError
+
+log = logging.getLogger("polygate")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.config import default_config, load_config
+    from gateway.logging_setup import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config) if args.config else default_config()
+    except ConfigError as exc:
+        _print_problems(args.config or "<defaults>", exc.problems)
+        return EXIT_CONFIG
+    try:
+        return _run_loop(config)
+    except PolygateError as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop  # optional extra: polygate[fast]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run_loop(config: object) -> int:
+    from gateway.server import Gateway
+
+    async def main() -> int:
+        gateway = Gateway(config)  # type: ignore[arg-type]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await gateway.start()
+        log.info("polygate %s ready", __version__, extra={"event": "ready"})
+        await stop.wait()
+        log.info("shutting down", extra={"event": "shutdown"})
+        await gateway.stop()
+        return EXIT_OK
+
+    _install_uvloop()
+    return asyncio.run(main())
+
+
+def _print_problems(source: str, problems: Sequence[str]) -> None:
+    print(f"{source}: {len(problems)} error(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        _print_problems(args.file, exc.problems)
+        return EXIT_CONFIG
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polygate", description="Multi-protocol message gateway")
+    parser.add_argument("--version", action="version", version=f"polygate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="start every listener in the config")
+    run.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.set_defaults(handler=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and list every error")
+    check.add_argument("file")
+    check.set_defaults(handler=_cmd_check_config)
+
+    from gateway.cli_store import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130

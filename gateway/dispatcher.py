@@ -1,0 +1,387 @@
+"""The auth dispatcher: picks the provider, consults the caches, calls on a miss.
+
+Caching, coalescing of identical in-flight calls, timeouts and admission
+control wrap any provider from outside, once; providers keep no cache. An
+unavailable answer is never cached and never turned into an allow.
+
+Session protocols (MQTT, AMQP) get a `SessionAuth` handle at connect whose
+`publish_now` answers a cache hit without building an event, creating a task or
+awaiting; stateless protocols (HTTP, CoAP) call `decide_stateless` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Hashable
+
+from gateway.cache import TTLCache, cache_metrics
+from gateway.config_types import AuthConfig, LimitsConfig
+from gateway.events import (
+    Action,
+    AuthEvent,
+    Decision,
+    Identity,
+    Outcome,
+    Protocol,
+    Secret,
+)
+from gateway.metrics import Metrics
+from gateway.providers import AuthProvider, ProviderContext, find_provider
+
+log = logging.getLogger("polygate.dispatcher")
+audit = logging.getLogger("polygate.audit")
+
+_NOT_CHECKED = "auth not required for this protocol"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        *,
+        limits: LimitsConfig,
+        metrics: Metrics,
+        provider: AuthProvider | None = None,
+    ) -> None:
+        self.auth = auth
+        self.metrics = metrics
+        self._required = {p: bool(auth.protocols.get(p, True)) for p in Protocol}
+        if provider is None:
+            factory = find_provider(auth.provider)
+            provider = factory(
+                ProviderContext(auth=auth, limits=limits, invalidate_caches=self.invalidate)
+            )
+        self.provider = provider
+        self._authorize_now = getattr(provider, "authorize_now", None)
+        self._client_scoped = bool(getattr(provider, "decisions_depend_on_client_id", False))
+        # A key made at start: cache keys carry an HMAC of the secret, never the secret.
+        self._hmac_key = secrets.token_bytes(32)
+        size = auth.identity_cache_size
+        self.identity_cache: TTLCache[tuple[Protocol, str], Identity] = TTLCache(
+            "identity", maxsize=size, ttl=auth.identity_cache_ttl, jitter=0.0
+        )
+        self.authn_cache: TTLCache[Hashable, Decision] = TTLCache(
+            "authn", maxsize=size, ttl=auth.authn_cache_ttl
+        )
+        self.decision_cache: TTLCache[Hashable, Decision] = TTLCache(
+            "decision", maxsize=size * 4, ttl=auth.decision_cache_ttl
+        )
+        self.negative_cache: TTLCache[Hashable, Decision] = TTLCache(
+            "negative", maxsize=size, ttl=auth.negative_cache_ttl
+        )
+        self._inflight: dict[Hashable, asyncio.Future[Decision]] = {}
+        self._outstanding = 0
+        self.coalesced = 0
+        self.shed = 0
+        self.generation = 0
+        metrics.add_collector(
+            cache_metrics(lambda: (self.identity_cache, self.authn_cache, self.decision_cache, self.negative_cache))
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.provider.start()
+
+    async def aclose(self) -> None:
+        for future in self._inflight.values():
+            if not future.done():
+                future.set_result(Decision.unavailable("gateway shutting down"))
+        self._inflight.clear()
+        await self.provider.aclose()
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.provider.ready())
+        except Exception:
+            log.exception("provider ready() failed")
+            return False
+
+    def requires_auth(self, protocol: Protocol) -> bool:
+        return self._required[protocol]
+
+    def invalidate(self) -> None:
+        """Drop every cached answer (the provider's data changed). Identities stay."""
+        self.authn_cache.clear()
+        self.decision_cache.clear()
+        self.negative_cache.clear()
+        self.generation += 1
+
+    def forget(self, protocol: Protocol, client_id: str) -> None:
+        """The client disconnected: its resolved identity is no longer needed."""
+        self.identity_cache.pop((protocol, client_id))
+
+    # -- the general path: one event in, one decision out ------------------------------------
+
+    async def decide(self, event: AuthEvent) -> Decision:
+        """Decide an event of a session protocol (its CONNECT, then its operations)."""
+        if not self._required[event.protocol]:
+            return self._unchecked(event)
+        if event.action is Action.CONNECT:
+            decision = await self._authenticate(event)
+            if decision.outcome is Outcome.ALLOW and decision.identity is not None:
+                self.identity_cache.put((event.protocol, event.client_id), decision.identity)
+            self._record(event, decision)
+            return decision
+        identity = self.identity_cache.get((event.protocol, event.client_id))
+        if identity is None:
+            # Evicted or expired while connected: check the credentials again (authn-cached).
+            authn = await self._authenticate(_as_connect(event))
+            if authn.outcome is not Outcome.ALLOW or authn.identity is None:
+                self._record(event, authn)
+                return authn
+            identity = authn.identity
+            self.identity_cache.put((event.protocol, event.client_id), identity)
+        decision = await self._authorize(event, identity)
+        self._record(event, decision)
+        return decision
+
+    async def decide_stateless(self, event: AuthEvent) -> Decision:
+        """Decide a request of a stateless protocol: authenticate, then authorize.
+
+        A DENY with `identity` None means the credentials were refused; with an
+        identity, the operation was not authorized.
+        """
+        if not self._required[event.protocol]:
+            return self._unchecked(event)
+        authn = await self._authenticate(_as_connect(event) if event.action is not Action.CONNECT else event)
+        if authn.outcome is not Outcome.ALLOW or authn.identity is None or event.action is Action.CONNECT:
+            self._record(event, authn)
+            return authn
+        decision = await self._authorize(event, authn.identity)
+        if decision.outcome is Outcome.DENY and decision.identity is None:
+            decision = Decision(
+                outcome=Outcome.DENY,
+                reason=decision.reason,
+                reason_code=decision.reason_code,
+                identity=authn.identity,
+            )
+        self._record(event, decision)
+        return decision
+
+    def session(self, event: AuthEvent, identity: Identity) -> SessionAuth:
+        """The fast handle a session protocol uses after its CONNECT was allowed."""
+        return SessionAuth(self, event, identity)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _unchecked(self, event: AuthEvent) -> Decision:
+        identity = Identity(external_id=event.client_id or event.username, username=event.username)
+        return Decision(outcome=Outcome.ALLOW, reason=_NOT_CHECKED, identity=identity)
+
+    def secret_digest(self, secret: Secret) -> bytes:
+        return hmac.new(self._hmac_key, secret.reveal(), hashlib.sha256).digest()
+
+    async def _authenticate(self, event: AuthEvent) -> Decision:
+        key = (event.protocol, event.client_id, event.username, self.secret_digest(event.secret))
+        cached = self.authn_cache.get(key) if self.authn_cache.enabled else None
+        if cached is not None:
+            return cached
+        if self.negative_cache.enabled:
+            denied = self.negative_cache.get(key)
+            if denied is not None:
+                return denied
+        decision = await self._coalesced(("authn", key), lambda: self.provider.authenticate(event))
+        self._remember(self.authn_cache, key, decision)
+        return decision
+
+    def _decision_key(
+        self, identity: Identity, client_id: str, action: Action, topic: str
+    ) -> tuple[str, str, Action, str]:
+        # Keyed on the client id too when the provider's answers depend on it (`%c` ACLs).
+        return (identity.external_id, client_id if self._client_scoped else "", action, topic)
+
+    def decide_now(
+        self, protocol: Protocol, action: Action, client_id: str, topic: str, identity: Identity
+    ) -> Decision | None:
+        """Answer from a cache or the provider's in-memory fast path, or None (then await)."""
+        key = self._decision_key(identity, client_id, action, topic)
+        if self.decision_cache.ttl > 0:
+            decision = self.decision_cache.get(key)
+            if decision is not None:
+                return decision
+        if self.negative_cache.ttl > 0:
+            decision = self.negative_cache.get(key)
+            if decision is not None:
+                return decision
+        if self._authorize_now is not None:
+            try:
+                decision = self._authorize_now(action, topic, client_id, identity)
+            except Exception:
+                log.exception("provider fast path failed; asking authorize()")
+                return None
+            if decision is not None:
+                self._remember(self.decision_cache, key, decision)
+            return decision
+        return None
+
+    async def _authorize(self, event: AuthEvent, identity: Identity) -> Decision:
+        now = self.decide_now(event.protocol, event.action, event.client_id, event.topic, identity)
+        if now is not None:
+            return now
+        key = self._decision_key(identity, event.client_id, event.action, event.topic)
+        decision = await self._coalesced(("authz", key), lambda: self.provider.authorize(event, identity))
+        self._remember(self.decision_cache, key, decision)
+        return decision
+
+    def _remember(self, cache: TTLCache[Hashable, Decision], key: Hashable, decision: Decision) -> None:
+        """Cache an allow in `cache`, a denial in the negative cache; never an unavailable."""
+        if decision.ttl == 0:
+            return
+        if decision.outcome is Outcome.ALLOW:
+            if cache.enabled:
+                cache.put(key, decision, decision.ttl)
+        elif decision.outcome is Outcome.DENY and self.negative_cache.enabled:
+            self.negative_cache.put(key, decision, decision.ttl)
+
+    async def _coalesced(self, key: Hashable, call: Callable[[], Awaitable[Decision]]) -> Decision:
+        """Share one provider call among identical concurrent requests."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.coalesced += 1
+            return await asyncio.shield(pending)
+        if self._outstanding >= self.auth.max_inflight:
+            self.shed += 1
+            return Decision.unavailable("auth service overloaded: too many calls in flight")
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        self._outstanding += 1
+        try:
+            decision = await self._guarded(call)
+        finally:
+            self._outstanding -= 1
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+        if not future.done():
+            future.set_result(decision)
+        return decision
+
+    async def _guarded(self, call: Callable[[], Awaitable[Decision]]) -> Decision:
+        try:
+            async with asyncio.timeout(self.auth.timeout):
+                decision = await call()
+        except TimeoutError:
+            return Decision.unavailable(f"auth provider did not answer within {self.auth.timeout:g}s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A crashing provider is a counted failure, not a crash, and never an allow.
+            log.error("auth provider %s failed: %s: %s", self.auth.provider, type(exc).__name__, exc)
+            return Decision.unavailable("auth provider error")
+        if not isinstance(decision, Decision):
+            log.error("auth provider %s returned %r, not a Decision", self.auth.provider, type(decision))
+            return Decision.unavailable("auth provider error")
+        return decision
+
+    def _record(self, event: AuthEvent, decision: Decision) -> None:
+        self.metrics.auth_decisions[(event.protocol, event.action, decision.outcome)] += 1
+        _audit(event.protocol, event.action, event.client_id, event.username, event.topic, event.peer, decision)
+
+
+def _audit(
+    protocol: Protocol, action: Action, client_id: str, username: str, topic: str, peer: str, decision: Decision
+) -> None:
+    level = logging.INFO
+    if decision.outcome is Outcome.ALLOW and action is not Action.CONNECT:
+        level = logging.DEBUG
+    if not audit.isEnabledFor(level):
+        return
+    audit.log(
+        level,
+        "%s %s %s client=%r user=%r topic=%r reason=%r",
+        decision.outcome.value,
+        protocol.value,
+        action.value,
+        client_id,
+        username,
+        topic,
+        decision.reason,
+        extra={
+            "event": "auth_decision",
+            "outcome": decision.outcome.value,
+            "protocol": protocol.value,
+            "action": action.value,
+            "client_id": client_id,
+            "username": username,
+            "topic": topic,
+            "peer": peer,
+            "reason": decision.reason,
+            "reason_code": decision.reason_code,
+        },
+    )
+
+
+def _as_connect(event: AuthEvent) -> AuthEvent:
+    return AuthEvent(
+        protocol=event.protocol,
+        action=Action.CONNECT,
+        client_id=event.client_id,
+        username=event.username,
+        secret=event.secret,
+        peer=event.peer,
+        tls_identity=event.tls_identity,
+    )
+
+
+class SessionAuth:
+    """Per-connection auth handle of a session protocol; built once at CONNECT.
+
+    `publish_now` is the hot path: a dict lookup on a cache hit, the provider's
+    in-memory answer otherwise, or None when the caller must `await publish()`.
+    """
+
+    __slots__ = ("_dispatcher", "_connect", "identity", "_required", "_metrics", "_protocol", "_client_id", "_allow")
+
+    def __init__(self, dispatcher: Dispatcher, connect: AuthEvent, identity: Identity) -> None:
+        self._dispatcher = dispatcher
+        self._connect = connect
+        self.identity = identity
+        self._protocol = connect.protocol
+        self._client_id = connect.client_id
+        self._required = dispatcher.requires_auth(connect.protocol)
+        self._metrics = dispatcher.metrics.auth_decisions
+        self._allow = Decision(outcome=Outcome.ALLOW, reason=_NOT_CHECKED, identity=identity)
+
+    def publish_now(self, topic: str) -> Decision | None:
+        if not self._required:
+            return self._allow
+        decision = self._dispatcher.decide_now(self._protocol, Action.PUBLISH, self._client_id, topic, self.identity)
+        if decision is not None:
+            self._metrics[(self._protocol, Action.PUBLISH, decision.outcome)] += 1
+            if decision.outcome is not Outcome.ALLOW or audit.isEnabledFor(logging.DEBUG):
+                c = self._connect
+                _audit(c.protocol, Action.PUBLISH, c.client_id, c.username, topic, c.peer, decision)
+        return decision
+
+    async def publish(self, topic: str) -> Decision:
+        return await self._operation(Action.PUBLISH, topic)
+
+    async def subscribe(self, topic_filter: str) -> Decision:
+        return await self._operation(Action.SUBSCRIBE, topic_filter)
+
+    async def _operation(self, action: Action, topic: str) -> Decision:
+        if not self._required:
+            return self._allow
+        c = self._connect
+        event = AuthEvent(
+            protocol=c.protocol,
+            action=action,
+            client_id=c.client_id,
+            username=c.username,
+            secret=c.secret,
+            topic=topic,
+            peer=c.peer,
+            tls_identity=c.tls_identity,
+        )
+        decision = await self._dispatcher._authorize(event, self.identity)
+        self._dispatcher._record(event, decision)
+        return decision
+
+    def close(self) -> None:
+        self._dispatcher.forget(self._protocol, self._client_id)
+
+

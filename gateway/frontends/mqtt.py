@@ -1,0 +1,607 @@
+"""The MQTT 3.1.1 frontend: a broker session loop on `asyncio.Protocol`.
+
+Parse (sans-IO codec) -> auth event -> dispatcher -> act on the decision ->
+router. The publish hot path runs inside `data_received`: on a decision-cache
+hit (or the provider's in-memory answer) it costs no task and no await. Only
+when an answer must be awaited does the connection start one task that works
+through the packets in arrival order, so a slow auth call stalls only its own
+client. Writes are gathered: one transport write per read and per loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+from gateway.config_types import ListenerConfig
+from gateway.context import FrontendContext
+from gateway.errors import InvalidTopic
+from gateway.events import Action, AuthEvent, Decision, Outcome, Protocol, Secret
+from gateway.frontends.tls import peer_identity, server_ssl_context
+from gateway.mqtt.codec import (
+    PINGRESP_BYTES,
+    MQTTDecoder,
+    encode_connack,
+    encode_puback,
+    encode_pubcomp,
+    encode_publish,
+    encode_pubrec,
+    encode_pubrel,
+    encode_suback,
+    encode_unsuback,
+)
+from gateway.mqtt.packets import (
+    CONNACK_ACCEPTED,
+    CONNACK_BAD_USERNAME_OR_PASSWORD,
+    CONNACK_IDENTIFIER_REJECTED,
+    CONNACK_NOT_AUTHORIZED,
+    CONNACK_SERVER_UNAVAILABLE,
+    SUBACK_FAILURE,
+    Connect,
+    Disconnect,
+    MQTTProtocolError,
+    Pingreq,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Subscribe,
+    Unsubscribe,
+)
+from gateway.mqtt.session import Session, SessionRegistry
+from gateway.dispatcher import SessionAuth
+from gateway.router import Message
+from gateway.topics import validate_topic_filter, validate_topic_name
+
+log = logging.getLogger("polygate.mqtt")
+
+#: A client that connects and sends no CONNECT within this time is dropped.
+CONNECT_TIMEOUT = 10.0
+#: Packets waiting behind an awaited decision before reading pauses (backpressure).
+MAX_BACKLOG = 1000
+
+_CONNACK_FOR_OUTCOME = {Outcome.UNAVAILABLE: CONNACK_SERVER_UNAVAILABLE}
+
+
+def _connack_code(decision: Decision, connect: Connect) -> int:
+    if decision.outcome is Outcome.ALLOW:
+        return CONNACK_ACCEPTED
+    if decision.outcome is Outcome.UNAVAILABLE:
+        return CONNACK_SERVER_UNAVAILABLE
+    # A client that presented no credentials at all is "not authorized"
+    # (anonymous access is off); presented credentials were wrong.
+    if connect.username is None and connect.password is None:
+        return CONNACK_NOT_AUTHORIZED
+    return CONNACK_BAD_USERNAME_OR_PASSWORD
+
+
+class MQTTConnection(asyncio.Protocol):
+    __slots__ = (
+        "ctx", "listener", "registry", "loop", "transport", "decoder", "peer", "tls_identity",
+        "session", "auth", "connect", "will", "_out", "_flush_scheduled", "_reading", "_paused",
+        "_backlog", "_worker", "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
+        "_bucket", "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
+        "_registered", "_taken_over", "_prepaid",
+    )
+
+    def __init__(self, ctx: FrontendContext, listener: ListenerConfig, registry: SessionRegistry) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.registry = registry
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        limits = ctx.config.limits
+        self._max_payload = limits.max_message_size
+        self._max_topic = limits.max_topic_length
+        # A packet may carry the payload, the topic and a few bytes of header.
+        self.decoder = MQTTDecoder(max_packet_size=limits.max_message_size + limits.max_topic_length + 16)
+        self.peer = ""
+        self.tls_identity = ""
+        self.session: Session | None = None
+        self.auth: SessionAuth | None = None
+        self.connect: Connect | None = None
+        self.will: Message | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._reading = False
+        self._paused = False
+        self._backlog: deque[object] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._clean_disconnect = False
+        self._last_rx = 0.0
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._bucket = ctx.ratelimits.new_message_bucket()
+        self._metrics_out = ctx.metrics.messages_out
+        self._metrics_in = ctx.metrics.messages_in
+        self._deny_disconnect = ctx.config.auth.deny_publish_action == "disconnect"
+        self._registered = False
+        self._taken_over = False
+        #: The one backlogged PUBLISH that already took its rate-limit token.
+        self._prepaid: object | None = None
+
+    # -- transport callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        ip = str(peername[0]) if peername else ""
+        self.peer = f"{peername[0]}:{peername[1]}" if peername else ""
+        self.tls_identity = peer_identity(transport)
+        ctx = self.ctx
+        if ctx.ratelimits.check_connection(ip) > 0:
+            ctx.metrics.connection_refused(Protocol.MQTT, "rate_limited")
+            log.warning("connection from %s refused: rate limited", ip, extra={"event": "connection_refused", "peer": self.peer})
+            transport.abort()
+            return
+        if not ctx.state.register(self.listener.name, self):
+            ctx.metrics.connection_refused(Protocol.MQTT, "max_connections")
+            log.warning("connection from %s refused: %s is full or stopping", self.peer, self.listener.name,
+                        extra={"event": "connection_refused", "peer": self.peer})
+            transport.abort()
+            return
+        self._registered = True
+        ctx.metrics.connection_opened(Protocol.MQTT)
+        self._last_rx = self.loop.time()
+        self._keepalive_handle = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+        if not self._registered:
+            return
+        self._registered = False
+        ctx = self.ctx
+        ctx.state.unregister(self.listener.name, self)
+        ctx.metrics.connection_closed(Protocol.MQTT)
+        session = self.session
+        if session is None:
+            return
+        session.detach(self)
+        client_id = session.client_id
+        if self.registry.owners.get(client_id) is self:
+            del self.registry.owners[client_id]
+        if self.will is not None and not self._clean_disconnect and not ctx.state.shutting_down:
+            ctx.state.spawn(self._publish_will(self.will), name=f"mqtt-will-{client_id}")
+        self.will = None
+        if self.auth is not None and not self._taken_over:
+            self.auth.close()
+        if session.clean and not self._taken_over:
+            self.registry.discard(session)
+        log.debug("client %r disconnected (%s)", client_id, "clean" if self._clean_disconnect else exc or "closed")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.session is not None and self.session.queue:
+            self.session.pump()
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        try:
+            packets = self.decoder.packets(data)
+        except MQTTProtocolError as exc:
+            # Act on what arrived intact first (e.g. a PUBLISH before the garbage).
+            self._dispatch(list(exc.decoded))
+            self._protocol_error(str(exc), exc.connack_code)
+            return
+        if packets:
+            self._dispatch(packets)
+
+    def _dispatch(self, packets: list[object]) -> None:
+        if self._backlog is not None:
+            self._backlog.extend(packets)
+            if len(self._backlog) > MAX_BACKLOG and self.transport is not None and not self._closing:
+                self.transport.pause_reading()
+            return
+        self._reading = True
+        try:
+            self._process(packets)
+        finally:
+            self._reading = False
+        self._flush()
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._reading and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def can_send(self) -> bool:
+        return not self._paused and not self._closing
+
+    def send_publish(self, message: Message, qos: int, retain: bool, dup: bool, packet_id: int | None) -> None:
+        self._write(encode_publish(message.topic, message.payload, qos, retain, dup, packet_id))
+        self._metrics_out[Protocol.MQTT] += 1
+
+    def send_pubrel(self, packet_id: int) -> None:
+        self._write(encode_pubrel(packet_id))
+
+    # -- closing --------------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Close the connection (shutdown, takeover, deny): flush what is pending first."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        self._flush()
+        self.transport.close()
+
+    def _protocol_error(self, message: str, connack_code: int | None = None) -> None:
+        log.info("closing MQTT connection from %s: %s", self.peer, message,
+                 extra={"event": "protocol_error", "peer": self.peer})
+        if connack_code is not None and self.connect is None:
+            self._write(encode_connack(False, connack_code))
+        self.close(message)
+
+    def _connect_timeout(self) -> None:
+        self._keepalive_handle = None
+        if self.connect is None:
+            self._protocol_error(f"no CONNECT within {CONNECT_TIMEOUT:g}s")
+
+    def _keepalive_check(self, interval: float) -> None:
+        idle = self.loop.time() - self._last_rx
+        if idle >= interval:
+            self._keepalive_handle = None
+            self._protocol_error(f"keepalive expired ({idle:.1f}s without a packet)")
+            return
+        self._keepalive_handle = self.loop.call_later(interval - idle, self._keepalive_check, interval)
+
+    # -- packet processing ------------------------------------------------------------------------
+
+    def _process(self, packets: list[object]) -> None:
+        """Handle packets synchronously until one needs an awaited answer."""
+        for index, packet in enumerate(packets):
+            if self._closing:
+                return
+            if type(packet) is Publish and self.session is not None:
+                bucket = self._bucket
+                if bucket is None or bucket.take() <= 0:
+                    if self._publish_now(packet):
+                        continue
+                    self._prepaid = packet
+            elif type(packet) is Puback and self.session is not None:
+                self.session.puback(packet.packet_id)
+                continue
+            elif type(packet) is Pingreq and self.session is not None:
+                self._write(PINGRESP_BYTES)
+                continue
+            elif self._handle_sync(packet):
+                continue
+            # Needs an await: the rest waits in order behind it.
+            self._backlog = deque(packets[index:])
+            self._worker = self.loop.create_task(self._work_backlog())
+            return
+
+    def _handle_sync(self, packet: object) -> bool:
+        """Packets that never need an await. False: hand it to the backlog worker."""
+        session = self.session
+        kind = type(packet)
+        if session is None:
+            if kind is Connect:
+                return False
+            self._protocol_error(f"expected CONNECT, got {kind.__name__}")
+            return True
+        if kind is Pubrel:
+            session.incoming_qos2.discard(packet.packet_id)  # type: ignore[attr-defined]
+            self._write(encode_pubcomp(packet.packet_id))  # type: ignore[attr-defined]
+        elif kind is Pubrec:
+            if session.pubrec(packet.packet_id):  # type: ignore[attr-defined]
+                self._write(encode_pubrel(packet.packet_id))  # type: ignore[attr-defined]
+        elif kind is Pubcomp:
+            session.pubcomp(packet.packet_id)  # type: ignore[attr-defined]
+        elif kind is Puback:
+            session.puback(packet.packet_id)  # type: ignore[attr-defined]
+        elif kind is Pingreq:
+            self._write(PINGRESP_BYTES)
+        elif kind is Unsubscribe:
+            for topic_filter in packet.topics:  # type: ignore[attr-defined]
+                self.ctx.router.unsubscribe(session, topic_filter)
+            self._write(encode_unsuback(packet.packet_id))  # type: ignore[attr-defined]
+        elif kind is Disconnect:
+            self._clean_disconnect = True
+            self.will = None
+            self.close("client disconnected")
+        elif kind is Connect:
+            self._protocol_error("second CONNECT on one connection (MQTT-3.1.0-2)")
+        elif kind is Subscribe or kind is Publish:
+            return False
+        else:
+            self._protocol_error(f"unexpected {kind.__name__} from a client")
+        return True
+
+    async def _work_backlog(self) -> None:
+        backlog = self._backlog
+        assert backlog is not None
+        try:
+            while backlog and not self._closing:
+                packet = backlog.popleft()
+                kind = type(packet)
+                if kind is Connect and self.connect is None:
+                    await self._handle_connect(packet)  # type: ignore[arg-type]
+                elif self.session is None:
+                    self._protocol_error(f"expected CONNECT, got {kind.__name__}")
+                elif kind is Publish:
+                    if packet is not self._prepaid:
+                        await self._throttle()
+                    self._prepaid = None
+                    if not self._publish_now(packet):  # type: ignore[arg-type]
+                        await self._publish_awaited(packet)  # type: ignore[arg-type]
+                elif kind is Subscribe:
+                    await self._handle_subscribe(packet)  # type: ignore[arg-type]
+                else:
+                    self._handle_sync(packet)
+                if len(self._out) > 64:
+                    self._flush()
+            self._flush()
+        finally:
+            self._backlog = None
+            self._worker = None
+            if self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+
+    # -- CONNECT ----------------------------------------------------------------------------------
+
+    async def _handle_connect(self, connect: Connect) -> None:
+        ctx = self.ctx
+        self.connect = connect
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        client_id = connect.client_id
+        if not client_id:
+            if not connect.clean_session:
+                # MQTT-3.1.3-8: a zero-length id needs a clean session.
+                self._write(encode_connack(False, CONNACK_IDENTIFIER_REJECTED))
+                self.close("zero-length client id without clean session")
+                return
+            client_id = f"auto-{uuid.uuid4().hex}"
+        will: Message | None = None
+        if connect.will is not None:
+            try:
+                validate_topic_name(connect.will.topic, self._max_topic)
+            except InvalidTopic as exc:
+                self._protocol_error(f"invalid will topic: {exc}")
+                return
+            will = Message(connect.will.topic, connect.will.payload, connect.will.qos, connect.will.retain)
+        event = AuthEvent(
+            protocol=Protocol.MQTT,
+            action=Action.CONNECT,
+            client_id=client_id,
+            username=connect.username or "",
+            secret=Secret(connect.password or b""),
+            peer=self.peer,
+            tls_identity=self.tls_identity,
+        )
+        decision = await ctx.dispatcher.decide(event)
+        if self._closing:
+            return
+        code = _connack_code(decision, connect)
+        if code != CONNACK_ACCEPTED or decision.identity is None:
+            self._write(encode_connack(False, code or CONNACK_NOT_AUTHORIZED))
+            self.close(f"CONNECT refused ({code})")
+            return
+        identity = decision.identity
+        registry = self.registry
+        previous = registry.owners.get(client_id)
+        if isinstance(previous, MQTTConnection) and previous is not self:
+            # Session takeover (MQTT-3.1.4-2): the older connection goes.
+            previous._taken_over = True
+            previous.close("session taken over by a new connection")
+            if previous.session is not None:
+                previous.session.detach(previous)
+            if previous.will is not None and not previous._clean_disconnect:
+                ctx.state.spawn(previous._publish_will(previous.will), name=f"mqtt-will-{client_id}")
+                previous.will = None
+        registry.owners[client_id] = self
+        session = registry.sessions.get(client_id)
+        session_present = False
+        if session is not None and (connect.clean_session or session.identity.external_id != identity.external_id):
+            # A clean start, or a different identity: never hand one user's session to another.
+            registry.discard(session)
+            session = None
+        if session is None:
+            session = Session(
+                client_id,
+                clean=connect.clean_session,
+                identity=identity,
+                max_inflight=ctx.config.limits.max_inflight_messages,
+                max_queued=ctx.config.limits.max_queued_messages,
+                metrics=ctx.metrics,
+            )
+            registry.sessions[client_id] = session
+        else:
+            session_present = True
+            session.clean = connect.clean_session
+        self.session = session
+        self.auth = ctx.dispatcher.session(event, identity)
+        self.will = will
+        self._write(encode_connack(session_present, CONNACK_ACCEPTED))
+        session.attach(self)
+        if connect.keepalive:
+            interval = connect.keepalive * 1.5
+            self._keepalive_handle = self.loop.call_later(interval, self._keepalive_check, interval)
+        log.debug("client %r connected from %s as %r", client_id, self.peer, identity.external_id)
+
+    # -- PUBLISH ----------------------------------------------------------------------------------
+
+    def _publish_now(self, packet: Publish) -> bool:
+        """The hot path. False when the decision must be awaited."""
+        qos = packet.qos
+        session = self.session
+        assert session is not None and self.auth is not None
+        if qos == 2 and packet.packet_id in session.incoming_qos2:
+            # A retransmission of a QoS 2 message already routed: acknowledge only.
+            self._write(encode_pubrec(packet.packet_id))  # type: ignore[arg-type]
+            return True
+        topic = packet.topic
+        if len(topic) > self._max_topic or "\x00" in topic:
+            try:
+                validate_topic_name(topic, self._max_topic)
+            except InvalidTopic as exc:
+                self._protocol_error(f"invalid topic in PUBLISH: {exc}")
+                return True
+        decision = self.auth.publish_now(topic)
+        if decision is None:
+            return False
+        self._act_on_publish(packet, decision)
+        return True
+
+    async def _throttle(self) -> None:
+        """Wait for a rate-limit token: a flooding client is slowed down, not dropped."""
+        bucket = self._bucket
+        if bucket is None:
+            return
+        wait = bucket.take()
+        while wait > 0 and not self._closing:
+            if self.transport is not None:
+                self.transport.pause_reading()
+            await asyncio.sleep(wait)
+            wait = bucket.take()
+
+    async def _publish_awaited(self, packet: Publish) -> None:
+        assert self.auth is not None
+        decision = await self.auth.publish(packet.topic)
+        if not self._closing:
+            self._act_on_publish(packet, decision)
+
+    def _act_on_publish(self, packet: Publish, decision: Decision) -> None:
+        qos = packet.qos
+        self._metrics_in[Protocol.MQTT] += 1
+        outcome = decision.outcome
+        if outcome is Outcome.ALLOW:
+            if len(packet.payload) > self._max_payload:
+                self.ctx.metrics.dropped(Protocol.MQTT, "too_large")
+                log.warning("dropped PUBLISH from %r: payload of %d bytes exceeds limits.max_message_size",
+                            self.session.client_id if self.session else "", len(packet.payload))
+            else:
+                self.ctx.router.publish(Message(packet.topic, packet.payload, qos, packet.retain))
+        elif outcome is Outcome.UNAVAILABLE:
+            self.ctx.metrics.dropped(Protocol.MQTT, "auth_unavailable")
+            if qos:
+                # Not acknowledged: the client still owns the message and resends it
+                # (with DUP) after reconnecting, once auth answers again.
+                self.close("auth service unavailable")
+                return
+        else:
+            self.ctx.metrics.dropped(Protocol.MQTT, "denied")
+            if self._deny_disconnect:
+                self.close("publish denied")
+                return
+        if qos == 1:
+            self._write(encode_puback(packet.packet_id))  # type: ignore[arg-type]
+        elif qos == 2:
+            self.session.incoming_qos2.add(packet.packet_id)  # type: ignore[union-attr,arg-type]
+            self._write(encode_pubrec(packet.packet_id))  # type: ignore[arg-type]
+
+    async def _publish_will(self, will: Message) -> None:
+        auth = self.auth
+        if auth is None:
+            return
+        decision = await auth.publish(will.topic)
+        if decision.outcome is Outcome.ALLOW:
+            self.ctx.metrics.messages_in[Protocol.MQTT] += 1
+            self.ctx.router.publish(will)
+        else:
+            self.ctx.metrics.dropped(Protocol.MQTT, "will_denied")
+            log.info("will message of %r on %r not published: %s", auth.identity.external_id, will.topic, decision.reason)
+
+    # -- SUBSCRIBE --------------------------------------------------------------------------------
+
+    async def _handle_subscribe(self, packet: Subscribe) -> None:
+        session = self.session
+        assert session is not None and self.auth is not None
+        codes: list[int] = []
+        retained: list[tuple[Message, int]] = []
+        router = self.ctx.router
+        for topic_filter, requested_qos in packet.topics:
+            try:
+                validate_topic_filter(topic_filter, self._max_topic)
+            except InvalidTopic as exc:
+                log.info("SUBSCRIBE from %r: %s", session.client_id, exc)
+                codes.append(SUBACK_FAILURE)
+                continue
+            decision = await self.auth.subscribe(topic_filter)
+            if self._closing:
+                return
+            if decision.outcome is not Outcome.ALLOW:
+                codes.append(SUBACK_FAILURE)
+                continue
+            granted = min(requested_qos, 2)
+            codes.append(granted)
+            for message in router.subscribe(session, topic_filter, granted):
+                retained.append((message, min(message.qos, granted)))
+        self._write(encode_suback(packet.packet_id, codes))
+        # Retained messages follow the SUBACK (MQTT-3.8.4-4 ordering as Mosquitto does).
+        for message, qos in retained:
+            session.deliver(message, qos, True)
+
+
+class MQTTFrontend:
+    """One MQTT-over-TCP listener (plain, TLS or mTLS)."""
+
+    protocol = Protocol.MQTT
+
+    def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.registry: SessionRegistry = ctx.state.shared("mqtt.sessions", lambda: SessionRegistry(ctx.router))
+        self._server: asyncio.Server | None = None
+        self._ssl: ssl.SSLContext | None = server_ssl_context(listener) if listener.tls else None
+
+    def _factory(self) -> Callable[[], MQTTConnection]:
+        ctx, listener, registry = self.ctx, self.listener, self.registry
+        return lambda: MQTTConnection(ctx, listener, registry)
+
+    async def start(self) -> None:
+        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._factory(),
+            host=self.listener.host or None,
+            port=self.listener.port,
+            backlog=4096,
+            ssl=self._ssl,
+            reuse_address=True,
+        )
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        assert self._server is not None and self._server.sockets
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None

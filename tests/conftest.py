@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.gateway_thread import GatewayThread
+
+ROOT_USER = "root"
+
+
+def loopback_config(tmp_path: Path, *, auth: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
+    """A config with MQTT, HTTP and health on loopback, ports chosen by the OS."""
+    server = {
+        "tcp": {"plain": {"addr": "127.0.0.1:0"}},
+        "http": {"plain": {"addr": "127.0.0.1:0"}},
+        "health_addr": "127.0.0.1:0",
+        "shutdown_timeout": "2s",
+    }
+    server.update(sections.pop("server", {}))
+    auth_section: dict[str, Any] = {"provider": "local", "local": {"db": str(tmp_path / "auth.db")}}
+    if auth:
+        local = {**auth_section["local"], **auth.get("local", {})}
+        auth_section.update(auth)
+        auth_section["local"] = local
+    return {"server": server, "auth": auth_section, **sections}
+
+
+@pytest.fixture
+def root_password(monkeypatch: pytest.MonkeyPatch) -> str:
+    password = secrets.token_urlsafe(12)
+    monkeypatch.setenv("POLYGATE_ROOT_USERNAME", ROOT_USER)
+    monkeypatch.setenv("POLYGATE_ROOT_PASSWORD", password)
+    return password
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path, root_password: str) -> Iterator[Callable[..., GatewayThread]]:
+    """Start gateways from config dicts; every one is stopped after the test."""
+    started: list[GatewayThread] = []
+
+    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> GatewayThread:
+        data = config if config is not None else loopback_config(tmp_path, **kwargs)
+        gw = GatewayThread.from_dict(data).start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., GatewayThread]) -> GatewayThread:
+    return start_gateway()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "auth.db")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("POLYGATE_ROOT_PASSWORD", None)
+    return env
