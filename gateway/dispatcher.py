@@ -73,7 +73,7 @@ class Dispatcher:
         self.negative_cache: TTLCache[Hashable, Decision] = TTLCache(
             "negative", maxsize=size, ttl=auth.negative_cache_ttl
         )
-        self._inflight: dict[Hashable, asyncio.Future[Decision]] = {}
+        self._inflight: dict[Hashable, asyncio.Task[Decision]] = {}
         self._outstanding = 0
         self.coalesced = 0
         self.shed = 0
@@ -88,9 +88,8 @@ class Dispatcher:
         await self.provider.start()
 
     async def aclose(self) -> None:
-        for future in self._inflight.values():
-            if not future.done():
-                future.set_result(Decision.unavailable("gateway shutting down"))
+        for task in list(self._inflight.values()):
+            task.cancel()
         self._inflight.clear()
         await self.provider.aclose()
 
@@ -239,7 +238,12 @@ class Dispatcher:
             self.negative_cache.put(key, decision, decision.ttl)
 
     async def _coalesced(self, key: Hashable, call: Callable[[], Awaitable[Decision]]) -> Decision:
-        """Share one provider call among identical concurrent requests."""
+        """Share one provider call among identical concurrent requests.
+
+        The call runs as a task of the dispatcher's, not of the first caller: a
+        caller that goes away (client disconnected, request cancelled) must not
+        take the answer away from the others waiting for it.
+        """
         pending = self._inflight.get(key)
         if pending is not None:
             self.coalesced += 1
@@ -247,18 +251,17 @@ class Dispatcher:
         if self._outstanding >= self.auth.max_inflight:
             self.shed += 1
             return Decision.unavailable("auth service overloaded: too many calls in flight")
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        task = asyncio.get_running_loop().create_task(self._guarded(call))
+        self._inflight[key] = task
         self._outstanding += 1
-        try:
-            decision = await self._guarded(call)
-        finally:
+
+        def finished(_: asyncio.Task[Decision]) -> None:
             self._outstanding -= 1
-            if self._inflight.get(key) is future:
+            if self._inflight.get(key) is task:
                 del self._inflight[key]
-        if not future.done():
-            future.set_result(decision)
-        return decision
+
+        task.add_done_callback(finished)
+        return await asyncio.shield(task)
 
     async def _guarded(self, call: Callable[[], Awaitable[Decision]]) -> Decision:
         try:

@@ -21,7 +21,8 @@ from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Outcome, Protocol, Secret
-from gateway.frontends.tls import peer_identity, server_ssl_context
+from gateway.frontends.peers import peer_address, peer_identity
+from gateway.frontends.tls import server_ssl_context
 from gateway.mqtt.codec import (
     PINGRESP_BYTES,
     MQTTDecoder,
@@ -130,9 +131,7 @@ class MQTTConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peername = transport.get_extra_info("peername")
-        ip = str(peername[0]) if peername else ""
-        self.peer = f"{peername[0]}:{peername[1]}" if peername else ""
+        ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
         ctx = self.ctx
         if ctx.ratelimits.check_connection(ip) > 0:

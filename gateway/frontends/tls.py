@@ -1,4 +1,4 @@
-"""TLS for listeners: one place that builds server contexts and reads client identities."""
+"""TLS for listeners: one place that builds server contexts."""
 
 from __future__ import annotations
 
@@ -20,17 +20,3 @@ def server_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
         context.load_verify_locations(cafile=listener.ca_file)
     context.verify_mode = _CLIENT_AUTH.get(listener.client_auth, ssl.CERT_NONE)
     return context
-
-
-def peer_identity(transport: asyncio.BaseTransport) -> str:
-    """The verified client certificate's subject (e.g. "CN=device-1,O=acme"), or ""."""
-    cert = transport.get_extra_info("peercert")
-    if not cert:
-        return ""
-    parts = []
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-                     "countryName": "C"}.get(key, key)
-            parts.append(f"{short}={value}")
-    return ",".join(parts)

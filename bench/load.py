@@ -1,0 +1,512 @@
+"""Publisher and subscriber worker processes that drive a broker.
+
+Each worker is its own process so the load never shares a GIL with the
+parent or with the other side. Workers report through shared-memory counters
+(cheap enough to update per message) and take their cues from events set by
+the parent: warm up, measure, stop. Errors go to a queue as text.
+
+Two clients: paho-mqtt 2.x (CallbackAPIVersion.VERSION2), and `raw`, a lean
+blocking-socket MQTT 3.1.1 client of our own (one packet per write like a
+device, or `batch` packets gathered per write), because paho's per-packet
+Python overhead caps it at a few thousand messages/s, below the brokers.
+Both use the same topic and payload layout: the first payload byte says
+whether a message belongs to the warm-up or the measurement.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+CLIENT_PAHO = "paho"
+CLIENT_RAW = "raw"
+CLIENTS = (CLIENT_PAHO, CLIENT_RAW)
+
+WARM = ord("W")
+MEASURE = ord("M")
+
+# Publisher counters (indices into its shared array).
+P_CONNECTED, P_WARM_SENT, P_WARM_DONE, P_SENT, P_ACKED, P_T_START, P_T_END, P_DONE = range(8)
+PUBLISHER_SLOTS = 8
+# Subscriber counters.
+S_READY, S_WARM, S_COUNT, S_FIRST, S_LAST = range(5)
+SUBSCRIBER_SLOTS = 5
+
+PACE_POLL_S = 0.0005   # QoS 0 pacing: how often a publisher that is ahead looks again
+KEEPALIVE_S = 600      # longer than any run: an idle subscriber must not be dropped
+CONNECT_TIMEOUT_S = 10.0
+ACK_DRAIN_S = 10.0     # how long a publisher waits for its last PUBACKs
+
+
+# A multiprocessing.RawArray of doubles, shared with the parent.
+Counters = Any
+
+
+class _Event(Protocol):
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadConfig:
+    host: str
+    port: int
+    client: str
+    client_id: str
+    topic: str
+    qos: int
+    size: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    warmup_messages: int = 0
+    warmup_seconds: float = 0.0
+    messages: int = 0
+    seconds: float = 0.0
+    inflight: int = 100
+    batch: int = 1           # raw client: packets per write (1: one write per packet, as a device does)
+    qos0_lead: int = 1000    # QoS 0: most messages a publisher may be ahead of the subscriber (0: unpaced)
+    publishers: int = 1
+
+    def payload(self, phase: int) -> bytes:
+        return bytes([phase]) + b"x" * max(self.size - 1, 0)
+
+
+class LoadError(Exception):
+    """The load side failed; the message says where."""
+
+
+# ---- the lean raw client ----
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
+    flags = 0x02  # clean session
+    payload = _utf8(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _utf8(password)
+    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", KEEPALIVE_S) + payload
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
+    body = struct.pack("!H", packet_id) + _utf8(topic) + bytes([qos])
+    return b"\x82" + _remaining_length(len(body)) + body
+
+
+class PublishEncoder:
+    """Precomputes everything but the packet id of a PUBLISH."""
+
+    def __init__(self, topic: str, payload: bytes, qos: int) -> None:
+        topic_field = _utf8(topic)
+        id_len = 2 if qos else 0
+        self._qos = qos
+        self._head = bytes([0x30 | (qos << 1)]) + _remaining_length(len(topic_field) + id_len + len(payload))
+        self._head += topic_field
+        self._payload = payload
+        self._whole = self._head + payload
+
+    def encode(self, packet_id: int) -> bytes:
+        if not self._qos:
+            return self._whole
+        return self._head + struct.pack("!H", packet_id) + self._payload
+
+
+class PacketReader:
+    """Splits a byte stream into (first header byte, body) pairs."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buffer
+        buf += data
+        packets: list[tuple[int, bytes]] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            length, multiplier, i, complete = 0, 1, pos + 1, False
+            while i < end and i < pos + 5:
+                byte = buf[i]
+                i += 1
+                length += (byte & 0x7F) * multiplier
+                multiplier *= 128
+                if not byte & 0x80:
+                    complete = True
+                    break
+            if not complete:
+                if i >= pos + 5:
+                    raise LoadError("malformed remaining length from the broker")
+                break
+            if i + length > end:
+                break
+            packets.append((buf[pos], bytes(buf[i:i + length])))
+            pos = i + length
+        del buf[:pos]
+        return packets
+
+
+class RawClient:
+    """Blocking-socket MQTT 3.1.1 client: just enough for the benchmark."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        self.reader = PacketReader()
+        self.sock = socket.create_connection((config.host, config.port), timeout=CONNECT_TIMEOUT_S)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.sendall(connect_packet(config.client_id, config.username, config.password))
+            _, body = self.expect(0x20)
+        except BaseException:
+            self.sock.close()
+            raise
+        if body[1] != 0:
+            raise LoadError(f"{config.client_id}: CONNACK return code {body[1]} (refused)")
+
+    def read_packets(self) -> list[tuple[int, bytes]]:
+        data = self.sock.recv(262144)
+        if not data:
+            raise LoadError(f"{self.config.client_id}: the broker closed the connection")
+        return self.reader.feed(data)
+
+    def expect(self, packet_type: int) -> tuple[int, bytes]:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for header, body in self.read_packets():
+                if header & 0xF0 == packet_type:
+                    return header, body
+        raise LoadError(f"{self.config.client_id}: no packet of type {packet_type >> 4} within "
+                        f"{CONNECT_TIMEOUT_S:.0f} s")
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"\xe0\x00")
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Phase:
+    marker: int              # WARM or MEASURE, the first payload byte
+    count: int
+    seconds: float
+    sent_slot: int
+    acked_slot: int | None
+    received_slot: int       # the subscriber's counter that QoS 0 pacing watches
+
+
+WARM_PHASE = dict(marker=WARM, sent_slot=P_WARM_SENT, acked_slot=None, received_slot=S_WARM)
+MEASURE_PHASE = dict(marker=MEASURE, sent_slot=P_SENT, acked_slot=P_ACKED, received_slot=S_COUNT)
+
+
+def _qos0_room(config: LoadConfig, phase: _Phase, sent: int, sub_counters: Counters) -> int:
+    """How many QoS 0 messages may go out now without running too far ahead of the subscriber.
+
+    QoS 0 has no flow control of its own: unpaced, a slow broker would buffer
+    without bound and the run would measure its queues, not its work.
+    """
+    want = min(config.batch, phase.count - sent)
+    if not config.qos0_lead:
+        return want
+    delivered_share = sub_counters[phase.received_slot] / config.publishers
+    return min(want, int(config.qos0_lead - (sent - delivered_share)))
+
+
+def _raw_publish(client: RawClient, config: LoadConfig, phase: _Phase, counters: Counters,
+                 sub_counters: Counters) -> int:
+    """Publish up to `phase.count` messages within `phase.seconds`; returns how many were sent."""
+    encoder = PublishEncoder(config.topic, config.payload(phase.marker), config.qos)
+    deadline = time.monotonic() + phase.seconds
+    sent = 0
+    if config.qos == 0:
+        packet = encoder.encode(0)
+        while sent < phase.count and time.monotonic() < deadline:
+            room = _qos0_room(config, phase, sent, sub_counters)
+            if room <= 0:
+                time.sleep(PACE_POLL_S)
+                continue
+            client.sock.sendall(packet * room)
+            sent += room
+            counters[phase.sent_slot] = sent
+        return sent
+    acked = 0
+    packet_id = 0
+    client.sock.settimeout(1.0)
+    while acked < sent or (sent < phase.count and time.monotonic() < deadline):
+        room = min(config.inflight - (sent - acked), phase.count - sent)
+        if room > 0 and time.monotonic() < deadline:
+            for start in range(0, room, config.batch):
+                chunk = []
+                for _ in range(min(config.batch, room - start)):
+                    packet_id = packet_id % 65535 + 1
+                    chunk.append(encoder.encode(packet_id))
+                client.sock.sendall(b"".join(chunk))
+            sent += room
+            counters[phase.sent_slot] = sent
+        elif time.monotonic() > deadline + ACK_DRAIN_S:
+            break
+        try:
+            packets = client.read_packets()
+        except TimeoutError:
+            continue
+        acked += sum(1 for header, _ in packets if header & 0xF0 == 0x40)
+        if phase.acked_slot is not None:
+            counters[phase.acked_slot] = acked
+    return sent
+
+
+def _raw_subscribe(config: LoadConfig, counters: Counters, stop: _Event) -> None:
+    client = RawClient(config)
+    try:
+        client.sock.sendall(subscribe_packet(1, config.topic, config.qos))
+        _, suback = client.expect(0x90)
+        if suback[2] == 0x80:
+            raise LoadError(f"{config.client_id}: SUBSCRIBE to {config.topic!r} refused (SUBACK 0x80)")
+        counters[S_READY] = 1
+        client.sock.settimeout(0.2)
+        warm = count = 0
+        first = 0.0
+        while not stop.is_set():
+            try:
+                packets = client.read_packets()
+            except TimeoutError:
+                continue
+            now = time.monotonic()
+            acks = []
+            for header, body in packets:
+                if header & 0xF0 != 0x30:
+                    continue
+                topic_len = (body[0] << 8) | body[1]
+                offset = 2 + topic_len
+                if header & 0x06:
+                    ack = b"\x40\x02" + body[offset:offset + 2]
+                    if config.batch == 1:
+                        client.sock.sendall(ack)   # one write per PUBACK, as a device would
+                    else:
+                        acks.append(ack)
+                    offset += 2
+                if body[offset] == MEASURE:
+                    count += 1
+                    if count == 1:
+                        first = now
+                else:
+                    warm += 1
+            for start in range(0, len(acks), config.batch):
+                client.sock.sendall(b"".join(acks[start:start + config.batch]))
+            counters[S_WARM] = warm
+            if count:
+                counters[S_FIRST] = first
+                counters[S_LAST] = now
+                counters[S_COUNT] = count
+    finally:
+        client.close()
+
+
+def _raw_publisher(config: LoadConfig, counters: Counters, sub_counters: Counters, go_warm: _Event,
+                   go_measure: _Event, stop: _Event) -> None:
+    client = RawClient(config)
+    try:
+        counters[P_CONNECTED] = 1
+        _wait(go_warm, stop)
+        if stop.is_set():
+            return
+        warm = _Phase(count=config.warmup_messages, seconds=config.warmup_seconds, **WARM_PHASE)
+        _raw_publish(client, config, warm, counters, sub_counters)
+        counters[P_WARM_DONE] = 1
+        _wait(go_measure, stop)
+        if stop.is_set():
+            return
+        counters[P_T_START] = time.monotonic()
+        measured = _Phase(count=config.messages, seconds=config.seconds, **MEASURE_PHASE)
+        _raw_publish(client, config, measured, counters, sub_counters)
+        counters[P_T_END] = time.monotonic()
+        counters[P_DONE] = 1
+        stop.wait()
+    finally:
+        client.close()
+
+
+# ---- paho ----
+
+def _paho_client(config: LoadConfig) -> Any:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
+                         protocol=mqtt.MQTTv311, clean_session=True)
+    if config.username is not None:
+        client.username_pw_set(config.username, config.password)
+    client.max_inflight_messages_set(config.inflight)
+    client.max_queued_messages_set(0)
+    connack: dict[str, Any] = {}
+
+    def on_connect(_client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
+        connack["rc"] = reason_code
+
+    client.on_connect = on_connect
+    client.connect(config.host, config.port, keepalive=KEEPALIVE_S)
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while "rc" not in connack and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    if "rc" not in connack:
+        raise LoadError(f"{config.client_id}: no CONNACK within {CONNECT_TIMEOUT_S:.0f} s")
+    if connack["rc"].is_failure:
+        raise LoadError(f"{config.client_id}: connection refused: {connack['rc']}")
+    return client
+
+
+def _paho_publish(client: Any, config: LoadConfig, phase: _Phase, counters: Counters,
+                  sub_counters: Counters) -> int:
+    payload = config.payload(phase.marker)
+    deadline = time.monotonic() + phase.seconds
+    acked = [0]
+
+    def on_publish(_client: Any, _userdata: Any, _mid: int, _rc: Any, _props: Any) -> None:
+        acked[0] += 1
+
+    client.on_publish = on_publish
+    sent = 0
+    if config.qos == 0:
+        while sent < phase.count and time.monotonic() < deadline:
+            room = _qos0_room(config, phase, sent, sub_counters)
+            if room <= 0:
+                client.loop(timeout=PACE_POLL_S)
+                continue
+            info = None
+            for _ in range(room):
+                info = client.publish(config.topic, payload, qos=0)
+            sent += room
+            counters[phase.sent_slot] = sent
+            # Bound paho's in-memory queue: let the socket take what was published first.
+            while info is not None and not info.is_published():
+                client.loop(timeout=0.05)
+        return sent
+    while acked[0] < sent or (sent < phase.count and time.monotonic() < deadline):
+        room = min(config.inflight - (sent - acked[0]), phase.count - sent)
+        if room > 0 and time.monotonic() < deadline:
+            for _ in range(room):
+                client.publish(config.topic, payload, qos=config.qos)
+            sent += room
+            counters[phase.sent_slot] = sent
+        elif time.monotonic() > deadline + ACK_DRAIN_S:
+            break
+        client.loop(timeout=1.0)
+        if phase.acked_slot is not None:
+            counters[phase.acked_slot] = acked[0]
+    return sent
+
+
+def _paho_publisher(config: LoadConfig, counters: Counters, sub_counters: Counters, go_warm: _Event,
+                    go_measure: _Event, stop: _Event) -> None:
+    client = _paho_client(config)
+    try:
+        counters[P_CONNECTED] = 1
+        _wait(go_warm, stop, idle=lambda: client.loop(timeout=0.05))
+        if stop.is_set():
+            return
+        warm = _Phase(count=config.warmup_messages, seconds=config.warmup_seconds, **WARM_PHASE)
+        _paho_publish(client, config, warm, counters, sub_counters)
+        counters[P_WARM_DONE] = 1
+        _wait(go_measure, stop, idle=lambda: client.loop(timeout=0.05))
+        if stop.is_set():
+            return
+        counters[P_T_START] = time.monotonic()
+        measured = _Phase(count=config.messages, seconds=config.seconds, **MEASURE_PHASE)
+        _paho_publish(client, config, measured, counters, sub_counters)
+        counters[P_T_END] = time.monotonic()
+        counters[P_DONE] = 1
+        _wait(stop, stop, idle=lambda: client.loop(timeout=0.05))
+    finally:
+        client.disconnect()
+
+
+def _paho_subscriber(config: LoadConfig, counters: Counters, stop: _Event) -> None:
+    client = _paho_client(config)
+    state = {"warm": 0, "count": 0}
+    subacked: dict[str, Any] = {}
+
+    def on_subscribe(_client: Any, _userdata: Any, _mid: int, reason_codes: Any, _props: Any) -> None:
+        subacked["codes"] = reason_codes
+
+    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        if message.payload[0] == MEASURE:
+            now = time.monotonic()
+            state["count"] += 1
+            if state["count"] == 1:
+                counters[S_FIRST] = now
+            counters[S_LAST] = now
+            counters[S_COUNT] = state["count"]
+        else:
+            state["warm"] += 1
+            counters[S_WARM] = state["warm"]
+
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    try:
+        client.subscribe(config.topic, qos=config.qos)
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while "codes" not in subacked and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+        if "codes" not in subacked:
+            raise LoadError(f"{config.client_id}: no SUBACK within {CONNECT_TIMEOUT_S:.0f} s")
+        if any(code.is_failure for code in subacked["codes"]):
+            raise LoadError(f"{config.client_id}: SUBSCRIBE to {config.topic!r} refused")
+        counters[S_READY] = 1
+        while not stop.is_set():
+            client.loop(timeout=0.2)
+    finally:
+        client.disconnect()
+
+
+def _wait(event: _Event, stop: _Event, idle: Any = None) -> None:
+    # Polls rather than blocks: the paho client must keep servicing its socket.
+    while not event.is_set() and not stop.is_set():
+        if idle is None:
+            event.wait(0.05)
+        else:
+            idle()
+
+
+# ---- process entry points (module-level so that `spawn` can import them) ----
+
+def publisher_main(config: LoadConfig, counters: Counters, sub_counters: Counters, go_warm: _Event,
+                   go_measure: _Event, stop: _Event, errors: Any) -> None:
+    try:
+        if config.client == CLIENT_RAW:
+            _raw_publisher(config, counters, sub_counters, go_warm, go_measure, stop)
+        else:
+            _paho_publisher(config, counters, sub_counters, go_warm, go_measure, stop)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches the whole process group; the parent reports it once
+    except Exception as exc:  # reported to the parent, which decides what to do
+        errors.put(f"publisher {config.client_id}: {exc!r}\n{traceback.format_exc(limit=3)}")
+
+
+def subscriber_main(config: LoadConfig, counters: Counters, stop: _Event, errors: Any) -> None:
+    try:
+        if config.client == CLIENT_RAW:
+            _raw_subscribe(config, counters, stop)
+        else:
+            _paho_subscriber(config, counters, stop)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches the whole process group; the parent reports it once
+    except Exception as exc:  # reported to the parent, which decides what to do
+        errors.put(f"subscriber {config.client_id}: {exc!r}\n{traceback.format_exc(limit=3)}")

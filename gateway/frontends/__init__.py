@@ -1,0 +1,1 @@
+"""Protocol frontends: thin adapters from a wire protocol to auth events and the router."""

@@ -1,0 +1,611 @@
+"""The HTTP frontend: publish with POST, subscribe with Server-Sent Events.
+
+`POST /<topic>` publishes its raw body, `POST /publish` takes JSON with a
+base64 payload, `GET /subscribe?topic=<filter>` streams `text/event-stream`.
+Every request carries its own credentials; the dispatcher authenticates and
+authorizes it (`decide_stateless`) and this module only maps the decision to a
+status code. A raw body is read only once its request is authorized, and no
+body is read beyond the size limit.
+
+`AiohttpListener` (socket, TLS, runner) is shared with the health listener and
+any other aiohttp-based listener; TLS contexts and client-certificate identities
+come from `gateway.frontends.tls`, as for every frontend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import json
+import logging
+import math
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from gateway.config_types import ListenerConfig
+from gateway.context import FrontendContext
+from gateway.errors import InvalidTopic
+from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
+from gateway.frontends.peers import format_peer, peer_identity
+from gateway.frontends.tls import server_ssl_context
+from gateway.metrics import Metrics
+from gateway.router import Message
+from gateway.topics import validate_topic_filter, validate_topic_name
+
+log = logging.getLogger("polygate.http")
+
+#: Connection storms overflow the default of 128 (LIBRARIES.md).
+LISTEN_BACKLOG = 4096
+#: A comment line this often keeps proxies from closing an idle event stream.
+KEEPALIVE_INTERVAL = 15.0
+#: A stream that keeps overflowing logs its first drop and then every this many.
+DROP_LOG_EVERY = 1000
+#: Upper bound of a Retry-After header, in seconds.
+MAX_RETRY_AFTER = 3600
+#: Events written to the socket in one `write` (bounds one batch's memory).
+EVENTS_PER_WRITE = 256
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_REALM = 'Basic realm="polygate"'
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    # nginx buffers responses unless told otherwise, which would hold events back.
+    "X-Accel-Buffering": "no",
+}
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0"})
+
+
+# -- errors: each carries its status; `error_response` renders any of them -------------------
+
+
+class HTTPError(Exception):
+    """An answer to the client other than success; `str(exc)` is shown to it."""
+
+    status = 500
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class BadRequest(HTTPError):
+    status = 400
+
+
+class Unauthorized(HTTPError):
+    status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": _REALM})
+
+
+class Forbidden(HTTPError):
+    status = 403
+
+
+class MethodNotAllowed(HTTPError):
+    status = 405
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message, headers={"Allow": allow})
+
+
+class PayloadTooLarge(HTTPError):
+    status = 413
+
+
+class _RetryLater(HTTPError):
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        # A limiter may answer inf (never); Retry-After still needs a finite number.
+        seconds = max(1, math.ceil(min(retry_after, MAX_RETRY_AFTER)))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+
+
+class TooManyRequests(_RetryLater):
+    status = 429
+
+
+class ServiceUnavailable(_RetryLater):
+    status = 503
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    response = web.json_response({"error": message}, status=status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+@web.middleware
+async def error_boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place an error becomes a response; anything unexpected is a logged 500."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except HTTPError as exc:
+        return error_response(exc.status, str(exc), exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = exc.headers.get("Allow")
+        return error_response(exc.status, exc.reason, {"Allow": allow} if allow else None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.rel_url.raw_path)
+        return error_response(500, "internal server error")
+
+
+# -- the listening socket, shared by every aiohttp-based listener -------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; "" binds every interface (IPv4 and IPv6 on one port)."""
+    host = host.strip("[]")
+    if not host:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(
+                ("::", port), family=socket.AF_INET6, backlog=LISTEN_BACKLOG, dualstack_ipv6=True
+            )
+        return socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+
+
+class AiohttpListener:
+    """Serves one aiohttp application on one configured listener."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        listener: ListenerConfig,
+        *,
+        shutdown_timeout: float,
+        handler_cancellation: bool = False,
+    ) -> None:
+        self._app = app
+        self._listener = listener
+        self._shutdown_timeout = shutdown_timeout
+        self._handler_cancellation = handler_cancellation
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._accepting = False
+        self._bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        listener = self._listener
+        ssl_context = server_ssl_context(listener) if listener.tls else None
+        sock = bind_socket(listener.host, listener.port)
+        runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self._shutdown_timeout,
+            handler_cancellation=self._handler_cancellation,
+        )
+        try:
+            await runner.setup()
+            site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
+            await site.start()
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        self._runner, self._site, self._accepting = runner, site, True
+        host, port = sock.getsockname()[:2]
+        self._bound = (host, port)
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        if self._bound is None:
+            raise RuntimeError(f"{self._listener.name} is not started")
+        return self._bound
+
+    async def stop_accepting(self) -> None:
+        if self._site is not None and self._accepting:
+            self._accepting = False
+            # Closes only the listening socket; connections already accepted keep going.
+            await self._site.stop()
+
+    async def aclose(self) -> None:
+        self._accepting = False
+        runner, self._runner, self._site = self._runner, None, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+# -- who is asking -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class _Client:
+    client_id: str
+    username: str
+    secret: Secret
+    peer: str
+    tls_identity: str
+
+
+def _credentials(headers: Mapping[str, str]) -> tuple[str, Secret]:
+    """(username, secret) from Basic, or Bearer/Client with the user in a header."""
+    username = headers.get("X-Username") or headers.get("X-FluxMQ-Username") or ""
+    authorization = headers.get("Authorization", "").strip()
+    if not authorization:
+        return username, NO_SECRET
+    scheme, _, value = authorization.partition(" ")
+    scheme = scheme.lower()
+    if scheme in ("bearer", "client"):
+        return username, Secret(value.strip())
+    if scheme != "basic":
+        raise Unauthorized("unsupported Authorization scheme: use Basic, Bearer or Client")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise Unauthorized("malformed Basic credentials: not base64") from None
+    user_bytes, colon, password = decoded.partition(b":")
+    if not colon:
+        raise Unauthorized("malformed Basic credentials: expected username:password")
+    try:
+        basic_user = user_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Unauthorized("malformed Basic credentials: username is not UTF-8") from None
+    return basic_user, Secret(password)
+
+
+# -- the subscriber side of one event stream -------------------------------------------------------
+
+
+def encode_event(message: Message) -> bytes:
+    """One SSE event. json.dumps escapes control characters, so `data:` stays one line."""
+    data = json.dumps(
+        {"topic": message.topic, "payload": base64.b64encode(message.payload).decode("ascii")},
+        separators=(",", ":"),
+    )
+    return b"data: " + data.encode("ascii") + b"\n\n"
+
+
+class SSEStream:
+    """One `GET /subscribe` stream: a router subscriber and a GatewayState connection.
+
+    `deliver` only appends to a bounded queue; the request's own task writes.
+    """
+
+    __slots__ = ("client_id", "_queue", "_max_queued", "_wakeup", "_closed", "_metrics", "dropped", "close_reason")
+
+    def __init__(self, client_id: str, *, max_queued: int, metrics: Metrics) -> None:
+        self.client_id = client_id
+        self._queue: collections.deque[Message] = collections.deque()
+        self._max_queued = max_queued
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._metrics = metrics
+        self.dropped = 0
+        self.close_reason = ""
+
+    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+        if self._closed:
+            # Between close() and unsubscribe_all: counted, not worth a warning.
+            self._metrics.dropped(Protocol.HTTP, "stream_closed")
+            return
+        if len(self._queue) >= self._max_queued:
+            self._overflow()
+            return
+        self._queue.append(message)
+        self._wakeup.set()
+
+    def _overflow(self) -> None:
+        self.dropped += 1
+        self._metrics.dropped(Protocol.HTTP, "queue_full")
+        if self.dropped == 1 or self.dropped % DROP_LOG_EVERY == 0:
+            log.warning(
+                "event stream of client %r cannot keep up (queue limit %d): %d message(s) dropped so far",
+                self.client_id, self._max_queued, self.dropped,
+            )
+
+    def close(self, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self.close_reason = reason
+            self._wakeup.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def run(self, response: web.StreamResponse, first: Iterable[Message], keepalive: float) -> None:
+        """Write `first`, then every delivered message, until closed; what is queued is flushed."""
+        await self._send(response, list(first))
+        queue = self._queue
+        while True:
+            if queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), EVENTS_PER_WRITE))]
+                await self._send(response, batch)
+                continue
+            if self._closed:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(keepalive):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+
+    async def _send(self, response: web.StreamResponse, messages: list[Message]) -> None:
+        for start in range(0, len(messages), EVENTS_PER_WRITE):
+            chunk = messages[start:start + EVENTS_PER_WRITE]
+            await response.write(b"".join(encode_event(m) for m in chunk))
+            self._metrics.messages_out[Protocol.HTTP] += len(chunk)
+
+
+# -- the frontend ------------------------------------------------------------------------------------
+
+
+def _parse_qos(value: object) -> int:
+    if isinstance(value, str) and value in ("0", "1", "2"):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2:
+        return value
+    raise BadRequest(f"qos must be 0, 1 or 2, not {value!r}")
+
+
+def _parse_retain(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise BadRequest(f"retain must be true, false, 1 or 0, not {value!r}")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    # Chunked bodies have no declared length: count while reading.
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class HTTPFrontend:
+    def __init__(self, ctx: FrontendContext, listener: ListenerConfig, *, keepalive: float = KEEPALIVE_INTERVAL) -> None:
+        self._ctx = ctx
+        self._listener = listener
+        self._keepalive = keepalive
+        limits = ctx.config.limits
+        self._max_message = limits.max_message_size
+        self._max_topic = limits.max_topic_length
+        # The JSON form carries the payload in base64 (4/3 larger) plus the topic, escaped.
+        self._max_json_body = 4 * math.ceil(limits.max_message_size / 3) + 6 * limits.max_topic_length + 4096
+        self._streams: set[SSEStream] = set()
+        app = web.Application(
+            middlewares=[error_boundary],
+            client_max_size=max(self._max_message, self._max_json_body),
+        )
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)
+        # Cancelling a request's task when its client goes away is how an idle
+        # event stream learns of the disconnect without waiting for a keepalive.
+        self._server = AiohttpListener(
+            app, listener, shutdown_timeout=ctx.config.server.shutdown_timeout, handler_cancellation=True
+        )
+
+    async def start(self) -> None:
+        self._ctx.state.set_limit(self._listener.name, self._listener.max_connections)
+        await self._server.start()
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        return self._server.bound
+
+    async def stop_accepting(self) -> None:
+        await self._server.stop_accepting()
+
+    async def aclose(self) -> None:
+        for stream in list(self._streams):
+            stream.close("gateway shutting down")
+        await self._server.aclose()
+
+    # -- routing --------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        client_ip = request.remote or ""
+        wait = self._ctx.ratelimits.check_connection(client_ip)
+        if wait > 0:
+            raise TooManyRequests("too many requests from your address", retry_after=wait)
+        try:
+            path = unquote(request.rel_url.raw_path[1:], errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("the path is not valid percent-encoded UTF-8") from None
+        if path == "subscribe" and request.method == "GET":
+            return await self._subscribe(request)
+        if request.method == "POST":
+            if path == "publish":
+                return await self._publish_json(request)
+            return await self._publish_raw(request, path)
+        if path == "subscribe":
+            raise MethodNotAllowed("use GET /subscribe?topic=<filter> to subscribe", allow="GET")
+        raise MethodNotAllowed("use POST /<topic> or POST /publish to publish", allow="POST")
+
+    def _client(self, request: web.Request) -> _Client:
+        transport = request.transport
+        peername = transport.get_extra_info("peername") if transport is not None else None
+        peer = format_peer(peername[0], peername[1]) if peername else (request.remote or "")
+        headers = request.headers
+        client_id = headers.get("X-Client-ID") or headers.get("X-FluxMQ-Client-ID") or f"http:{peer}"
+        tls_identity = peer_identity(transport) if transport is not None and self._listener.tls else ""
+        if self._ctx.dispatcher.requires_auth(Protocol.HTTP):
+            username, secret = _credentials(headers)
+        else:
+            username, secret = headers.get("X-Username") or headers.get("X-FluxMQ-Username") or "", NO_SECRET
+        return _Client(
+            client_id=client_id, username=username, secret=secret, peer=peer, tls_identity=tls_identity
+        )
+
+    async def _authorize(self, client: _Client, action: Action, topic: str) -> None:
+        dispatcher = self._ctx.dispatcher
+        if not dispatcher.requires_auth(Protocol.HTTP):
+            return
+        decision = await dispatcher.decide_stateless(
+            AuthEvent(
+                protocol=Protocol.HTTP,
+                action=action,
+                client_id=client.client_id,
+                username=client.username,
+                secret=client.secret,
+                topic=topic,
+                peer=client.peer,
+                tls_identity=client.tls_identity,
+            )
+        )
+        if decision.outcome is Outcome.ALLOW:
+            return
+        if decision.outcome is Outcome.UNAVAILABLE:
+            raise ServiceUnavailable("auth service unavailable, try again later", retry_after=1)
+        if decision.identity is None:
+            raise Unauthorized("bad credentials")
+        raise Forbidden(f"not authorized to {action.value} {topic!r}")
+
+    # -- publish ---------------------------------------------------------------------------------
+
+    def _check_topic(self, topic: str) -> None:
+        try:
+            validate_topic_name(topic, self._max_topic)
+        except InvalidTopic as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def _publish_raw(self, request: web.Request, topic: str) -> web.Response:
+        query = request.query
+        qos = _parse_qos(query["qos"]) if "qos" in query else 0
+        retain = _parse_retain(query["retain"]) if "retain" in query else False
+        self._check_topic(topic)
+        declared = request.content_length
+        if declared is not None and declared > self._max_message:
+            raise PayloadTooLarge(
+                f"message of {declared} bytes is larger than the limit of {self._max_message} bytes"
+            )
+        client = self._client(request)
+        await self._authorize(client, Action.PUBLISH, topic)
+        self._check_message_rate(client)
+        payload = await _read_body(request, self._max_message)
+        return self._publish(topic, payload, qos, retain)
+
+    async def _publish_json(self, request: web.Request) -> web.Response:
+        body = await _read_body(request, self._max_json_body)
+        topic, payload, qos, retain = self._parse_json(body)
+        client = self._client(request)
+        await self._authorize(client, Action.PUBLISH, topic)
+        self._check_message_rate(client)
+        return self._publish(topic, payload, qos, retain)
+
+    def _parse_json(self, body: bytes) -> tuple[str, bytes, int, bool]:
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("body is not valid JSON") from None
+        if not isinstance(document, dict):
+            raise BadRequest('body must be a JSON object: {"topic", "payload" (base64), "qos", "retain"}')
+        topic = document.get("topic")
+        if not isinstance(topic, str):
+            raise BadRequest('"topic" is required and must be a string')
+        self._check_topic(topic)
+        encoded = document.get("payload", "")
+        if not isinstance(encoded, str):
+            raise BadRequest('"payload" must be a base64 string')
+        try:
+            payload = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest('"payload" is not valid base64') from None
+        if len(payload) > self._max_message:
+            raise PayloadTooLarge(
+                f"message of {len(payload)} bytes is larger than the limit of {self._max_message} bytes"
+            )
+        qos = _parse_qos(document.get("qos", 0))
+        retain = document.get("retain", False)
+        if not isinstance(retain, bool):
+            raise BadRequest('"retain" must be true or false')
+        return topic, payload, qos, retain
+
+    def _check_message_rate(self, client: _Client) -> None:
+        # After authorization, so nobody can spend another client's budget by naming its id.
+        wait = self._ctx.ratelimits.check_message(client.client_id)
+        if wait > 0:
+            raise TooManyRequests("too many messages from this client", retry_after=wait)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> web.Response:
+        self._ctx.router.publish(Message(topic, payload, qos, retain))
+        self._ctx.metrics.messages_in[Protocol.HTTP] += 1
+        return web.json_response({"status": "accepted"}, status=202)
+
+    # -- subscribe -------------------------------------------------------------------------------
+
+    def _filters(self, query: MultiMapping[str]) -> list[str]:
+        filters = list(dict.fromkeys(query.getall("topic", ())))
+        if not filters:
+            raise BadRequest("give at least one topic filter: GET /subscribe?topic=<filter>")
+        for topic_filter in filters:
+            try:
+                validate_topic_filter(topic_filter, self._max_topic)
+            except InvalidTopic as exc:
+                raise BadRequest(str(exc)) from None
+        return filters
+
+    async def _subscribe(self, request: web.Request) -> web.StreamResponse:
+        filters = self._filters(request.query)
+        client = self._client(request)
+        for topic_filter in filters:
+            await self._authorize(client, Action.SUBSCRIBE, topic_filter)
+        ctx = self._ctx
+        stream = SSEStream(client.client_id, max_queued=ctx.config.limits.max_queued_messages, metrics=ctx.metrics)
+        listener = self._listener.name
+        if not ctx.state.register(listener, stream):
+            reason = "shutting_down" if ctx.state.shutting_down else "listener_full"
+            ctx.metrics.connection_refused(Protocol.HTTP, reason)
+            raise ServiceUnavailable(
+                "the gateway is shutting down" if ctx.state.shutting_down else "too many open event streams",
+                retry_after=1,
+            )
+        ctx.metrics.connection_opened(Protocol.HTTP)
+        self._streams.add(stream)
+        response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        # A finished stream ends its connection; keep-alive would only hold a socket.
+        response.force_close()
+        try:
+            # Subscribed before the headers go out: once a client sees them, nothing published is missed.
+            retained: dict[str, Message] = {}
+            for topic_filter in filters:
+                for message in ctx.router.subscribe(stream, topic_filter, 0):
+                    retained.setdefault(message.topic, message)
+            await response.prepare(request)
+            await stream.run(response, retained.values(), self._keepalive)
+        except ConnectionError:
+            log.debug("event stream of client %r: the client went away", client.client_id)
+        except Exception:
+            if not response.prepared:
+                raise
+            # The status line is gone: the error boundary can only log, so log here and end the stream.
+            log.exception("event stream of client %r failed", client.client_id)
+        finally:
+            stream.close("stream ended")
+            ctx.router.unsubscribe_all(stream)
+            ctx.state.unregister(listener, stream)
+            self._streams.discard(stream)
+            ctx.metrics.connection_closed(Protocol.HTTP)
+        return response

@@ -1,0 +1,352 @@
+"""Routes authorized messages to subscribers: a topic trie, retained messages, delivery QoS.
+
+The router sees only messages and subscriptions that were already authorized
+and filters that were already validated (gateway.topics.validate_topic_filter).
+It is on the hot path, so `publish` is synchronous and, on a match-cache hit,
+costs one dict lookup plus one `deliver` call per subscriber: no task, no
+await, no allocation. Subscribers own bounded queues; `deliver` never blocks.
+
+Semantics are MQTT 3.1.1: `+` matches exactly one level (an empty one too),
+`#` matches the parent level and any number of children, and a filter that
+starts with a wildcard never matches a topic whose first level starts with
+`$` (MQTT-4.7.2-1). A subscriber whose filters overlap receives a message
+once, at min(message qos, its highest granted qos among the matching filters).
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+from dataclasses import dataclass
+
+from gateway.topics import validate_topic_name
+
+logger = logging.getLogger("polygate.router")
+
+#: Topics whose subscriber lists are remembered; the cache is cleared when full.
+MATCH_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    # Not kw_only: frontends build one per PUBLISH and positional is cheaper.
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+class Subscriber(typing.Protocol):
+    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+        """Non-blocking; the subscriber owns a bounded queue and counts/logs its own overflow."""
+
+
+#: What a trie node and the match cache hold per subscriber.
+_Entry = tuple[Subscriber, int]
+
+
+class _Node:
+    """One level of the subscription trie. Keys of `subscribers` are id(subscriber)."""
+
+    __slots__ = ("children", "subscribers")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.subscribers: dict[int, _Entry] = {}
+
+
+class _RetainedNode:
+    """One level of the retained trie; `message` is set when a message is retained here."""
+
+    __slots__ = ("children", "message")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _RetainedNode] = {}
+        self.message: Message | None = None
+
+
+class _Client:
+    """Everything the router knows about one subscriber, for unsubscribe_all."""
+
+    __slots__ = ("subscriber", "filters", "failure_logged")
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self.subscriber = subscriber
+        self.filters: dict[str, int] = {}
+        self.failure_logged = False
+
+
+def _is_wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
+
+
+class Router:
+    """The local router: one process, one topic space.
+
+    Subscribers are keyed by id() because a subscriber's own __eq__/__hash__
+    may compare by value; the router holds a strong reference to every
+    subscribed object, so an id cannot be reused while it is in the trie.
+    """
+
+    def __init__(self, *, max_retained: int = 100000, max_topic_length: int = 1024) -> None:
+        if max_retained < 0:
+            raise ValueError(f"max_retained must be 0 (no cap) or positive, not {max_retained}")
+        self._max_retained = max_retained
+        self._max_topic_length = max_topic_length
+        self._root = _Node()
+        self._clients: dict[int, _Client] = {}
+        self._subscription_count = 0
+        # topic -> subscribers matching it, de-duplicated at their highest qos.
+        # Every entry was computed for a validated topic, so a hit skips validation.
+        self._match_cache: dict[str, tuple[_Entry, ...]] = {}
+        self._match_cache_size = MATCH_CACHE_SIZE
+        # The dict makes a literal lookup O(1); the trie serves wildcard filters
+        # without scanning every retained topic (a subscribe storm on
+        # `devices/+/state` against 100k retained topics would otherwise be quadratic).
+        self._retained: dict[str, _RetainedNode] = {}
+        self._retained_root = _RetainedNode()
+        #: New retained topics refused because max_retained was reached (the caller logs).
+        self.retained_refused = 0
+        #: Calls to Subscriber.deliver that raised.
+        self.delivery_errors = 0
+
+    # -- subscriptions -------------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber, topic_filter: str, qos: int) -> list[Message]:
+        """Add or re-grant a subscription; return the retained messages it matches.
+
+        The caller sends those itself, at min(message.qos, qos), with retain set.
+        """
+        key = id(subscriber)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = _Client(subscriber)
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Node()
+            node = child
+        if topic_filter not in client.filters:
+            self._subscription_count += 1
+        client.filters[topic_filter] = qos
+        node.subscribers[key] = (subscriber, qos)
+        self._invalidate(topic_filter)
+        return self.retained(topic_filter)
+
+    def unsubscribe(self, subscriber: Subscriber, topic_filter: str) -> bool:
+        """Remove one subscription; False when the subscriber did not hold it."""
+        key = id(subscriber)
+        client = self._clients.get(key)
+        if client is None or client.filters.pop(topic_filter, None) is None:
+            return False
+        self._remove(key, topic_filter)
+        self._subscription_count -= 1
+        if not client.filters:
+            del self._clients[key]
+        self._invalidate(topic_filter)
+        return True
+
+    def unsubscribe_all(self, subscriber: Subscriber) -> None:
+        """Remove every subscription of a subscriber (its connection or session ended)."""
+        client = self._clients.pop(id(subscriber), None)
+        if client is None:
+            return
+        key = id(subscriber)
+        for topic_filter in client.filters:
+            self._remove(key, topic_filter)
+            self._invalidate(topic_filter)
+        self._subscription_count -= len(client.filters)
+
+    def subscriptions(self, subscriber: Subscriber) -> dict[str, int]:
+        """A copy of the subscriber's filters and their granted qos."""
+        client = self._clients.get(id(subscriber))
+        return dict(client.filters) if client is not None else {}
+
+    @property
+    def subscription_count(self) -> int:
+        return self._subscription_count
+
+    def _remove(self, key: int, topic_filter: str) -> None:
+        path: list[tuple[_Node, str]] = []
+        node = self._root
+        for level in topic_filter.split("/"):
+            path.append((node, level))
+            node = node.children[level]
+        del node.subscribers[key]
+        # Prune from the leaf up so subscribe/unsubscribe churn leaves no nodes behind.
+        for parent, level in reversed(path):
+            child = parent.children[level]
+            if child.subscribers or child.children:
+                break
+            del parent.children[level]
+
+    def _invalidate(self, topic_filter: str) -> None:
+        if _is_wildcard(topic_filter):
+            self._match_cache.clear()
+        else:
+            # A literal filter matches exactly one topic: only that entry is stale.
+            self._match_cache.pop(topic_filter, None)
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(self, message: Message) -> int:
+        """Store or clear the retained message, then deliver; return how many subscribers got it.
+
+        Raises gateway.errors.InvalidTopic for a topic the frontends should
+        never have let through (checked once per topic, on a cache miss).
+        """
+        topic = message.topic
+        targets = self._match_cache.get(topic)
+        if targets is None:
+            validate_topic_name(topic, self._max_topic_length)
+            targets = self._match(topic)
+            if len(self._match_cache) >= self._match_cache_size:
+                self._match_cache.clear()
+            self._match_cache[topic] = targets
+        if message.retain:
+            self._store_retained(message)
+        qos = message.qos
+        delivered = len(targets)
+        # `targets` is an immutable snapshot, so a subscriber may (un)subscribe
+        # from inside deliver without disturbing this loop.
+        for subscriber, granted in targets:
+            try:
+                subscriber.deliver(message, granted if granted < qos else qos, False)
+            except Exception:
+                delivered -= 1
+                self._delivery_failed(subscriber, topic)
+        return delivered
+
+    def _match(self, topic: str) -> tuple[_Entry, ...]:
+        levels = topic.split("/")
+        found: dict[int, _Entry] = {}
+        nodes = [self._root]
+        for depth, level in enumerate(levels):
+            following: list[_Node] = []
+            for node in nodes:
+                children = node.children
+                if not children:
+                    continue
+                # MQTT-4.7.2-1: leading wildcards skip `$` topics; deeper ones do not.
+                if depth or level[:1] != "$":
+                    wild = children.get("#")
+                    if wild is not None:
+                        _merge(found, wild.subscribers)
+                    wild = children.get("+")
+                    if wild is not None:
+                        following.append(wild)
+                child = children.get(level)
+                if child is not None:
+                    following.append(child)
+            if not following:
+                break
+            nodes = following
+        else:
+            for node in nodes:
+                _merge(found, node.subscribers)
+                # `a/#` matches `a` itself.
+                wild = node.children.get("#")
+                if wild is not None:
+                    _merge(found, wild.subscribers)
+        return tuple(found.values())
+
+    def _delivery_failed(self, subscriber: Subscriber, topic: str) -> None:
+        self.delivery_errors += 1
+        client = self._clients.get(id(subscriber))
+        if client is not None and client.subscriber is subscriber:
+            if client.failure_logged:
+                logger.debug("subscriber %s raised again on topic %r", type(subscriber).__qualname__, topic)
+                return
+            client.failure_logged = True
+        # Once per subscriber with the traceback: a broken subscriber must not flood the log.
+        logger.exception(
+            "subscriber %s raised while receiving a message on topic %r; the other subscribers still got it "
+            "(further errors from it are counted in delivery_errors)",
+            type(subscriber).__qualname__, topic,
+        )
+
+    # -- retained messages ---------------------------------------------------
+
+    def _store_retained(self, message: Message) -> None:
+        topic = message.topic
+        node = self._retained.get(topic)
+        if not message.payload:
+            # MQTT-3.3.1-10/11: an empty retained payload clears the topic.
+            if node is not None:
+                del self._retained[topic]
+                self._unlink_retained(topic)
+            return
+        if node is None:
+            if self._max_retained and len(self._retained) >= self._max_retained:
+                self.retained_refused += 1
+                return
+            node = self._retained_root
+            for level in topic.split("/"):
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _RetainedNode()
+                node = child
+            self._retained[topic] = node
+        node.message = message
+
+    def _unlink_retained(self, topic: str) -> None:
+        path: list[tuple[_RetainedNode, str]] = []
+        node = self._retained_root
+        for level in topic.split("/"):
+            path.append((node, level))
+            node = node.children[level]
+        node.message = None
+        for parent, level in reversed(path):
+            child = parent.children[level]
+            if child.message is not None or child.children:
+                break
+            del parent.children[level]
+
+    def retained(self, topic_filter: str) -> list[Message]:
+        """The retained messages a (valid) filter matches."""
+        if not _is_wildcard(topic_filter):
+            node = self._retained.get(topic_filter)
+            return [node.message] if node is not None and node.message is not None else []
+        levels = topic_filter.split("/")
+        last = len(levels)
+        found: list[Message] = []
+        # Explicit stacks, not recursion: a topic may have thousands of levels.
+        stack: list[tuple[_RetainedNode, int]] = [(self._retained_root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            if depth == last:
+                if node.message is not None:
+                    found.append(node.message)
+                continue
+            level = levels[depth]
+            if level == "#":
+                # The parent level (`a` for `a/#`; the root holds nothing) and everything below.
+                if node.message is not None:
+                    found.append(node.message)
+                subtree = [child for name, child in node.children.items() if depth or name[:1] != "$"]
+                while subtree:
+                    below = subtree.pop()
+                    if below.message is not None:
+                        found.append(below.message)
+                    subtree.extend(below.children.values())
+            elif level == "+":
+                for name, child in node.children.items():
+                    if depth or name[:1] != "$":
+                        stack.append((child, depth + 1))
+            else:
+                child = node.children.get(level)
+                if child is not None:
+                    stack.append((child, depth + 1))
+        return found
+
+    @property
+    def retained_count(self) -> int:
+        return len(self._retained)
+
+
+def _merge(found: dict[int, _Entry], subscribers: dict[int, _Entry]) -> None:
+    for key, entry in subscribers.items():
+        previous = found.get(key)
+        if previous is None or previous[1] < entry[1]:
+            found[key] = entry
