@@ -53,7 +53,7 @@ class Dispatcher:
         if provider is None:
             factory = find_provider(auth.provider)
             provider = factory(
-                ProviderContext(auth=auth, limits=limits, invalidate_caches=self.invalidate)
+                ProviderContext(auth=auth, limits=limits, invalidate_caches=self.invalidate, metrics=metrics)
             )
         self.provider = provider
         self._authorize_now = getattr(provider, "authorize_now", None)

@@ -35,3 +35,16 @@ class StoreError(PolygateError):
 
 class ProviderError(PolygateError):
     """A provider could not be created or started (unknown name, bad settings)."""
+
+
+class ProviderUnavailable(PolygateError):
+    """A provider could not get an answer (connection refused, timeout, 5xx, bad body).
+
+    `retryable` marks transport errors worth one more try (connection errors,
+    timeouts, gRPC UNAVAILABLE/DEADLINE_EXCEEDED, HTTP 502/503/504). A denial is
+    never an exception: it is a `Decision`.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -16,7 +16,8 @@ from gateway.errors import ProviderError
 from gateway.events import Action, AuthEvent, Decision, Identity
 
 if TYPE_CHECKING:
-    from gateway.config import AuthConfig, LimitsConfig
+    from gateway.config_types import AuthConfig, LimitsConfig
+    from gateway.metrics import Metrics
 
 ENTRY_POINT_GROUP = "polygate.auth_providers"
 
@@ -30,6 +31,8 @@ class ProviderContext:
     #: Call when the provider's own data changed (users, ACLs) so cached
     #: decisions are dropped; connected clients then see the change at once.
     invalidate_caches: Callable[[], None] = field(default=lambda: None)
+    #: Where a provider exports metrics of its own (`metrics.add_collector`).
+    metrics: Metrics | None = None
 
 
 @runtime_checkable

@@ -65,6 +65,9 @@ log = logging.getLogger("polygate.mqtt")
 CONNECT_TIMEOUT = 10.0
 #: Packets waiting behind an awaited decision before reading pauses (backpressure).
 MAX_BACKLOG = 1000
+#: The longest a publisher is held for a congested subscriber; after that its
+#: messages flow again and what the subscriber cannot take is dropped and counted.
+MAX_THROTTLE = 10.0
 
 _CONNACK_FOR_OUTCOME = {Outcome.UNAVAILABLE: CONNACK_SERVER_UNAVAILABLE}
 
@@ -87,7 +90,7 @@ class MQTTConnection(asyncio.Protocol):
         "session", "auth", "connect", "will", "_out", "_flush_scheduled", "_reading", "_paused",
         "_backlog", "_worker", "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
         "_bucket", "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
-        "_registered", "_taken_over", "_prepaid",
+        "_registered", "_taken_over", "_prepaid", "_pause_reasons", "_blockers", "_unblocked",
     )
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig, registry: SessionRegistry) -> None:
@@ -125,6 +128,11 @@ class MQTTConnection(asyncio.Protocol):
         self._taken_over = False
         #: The one backlogged PUBLISH that already took its rate-limit token.
         self._prepaid: object | None = None
+        #: Why reading is paused ("backlog", "ratelimit"); reading resumes when empty.
+        self._pause_reasons: set[str] = set()
+        #: Congested sessions this connection's publishes are held for (backpressure).
+        self._blockers: set[Session] | None = None
+        self._unblocked: asyncio.Event | None = None
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -200,17 +208,74 @@ class MQTTConnection(asyncio.Protocol):
             self._dispatch(packets)
 
     def _dispatch(self, packets: list[object]) -> None:
-        if self._backlog is not None:
-            self._backlog.extend(packets)
-            if len(self._backlog) > MAX_BACKLOG and self.transport is not None and not self._closing:
-                self.transport.pause_reading()
+        if self._backlog is None and not self._blockers:
+            self._reading = True
+            try:
+                self._process(packets)
+            finally:
+                self._reading = False
+            self._flush()
             return
-        self._reading = True
-        try:
-            self._process(packets)
-        finally:
-            self._reading = False
+        self._enqueue(packets)
         self._flush()
+
+    def _enqueue(self, packets: list[object]) -> None:
+        """Queue packets behind one that waits, starting the worker if needed."""
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = deque()
+            self._worker = self.loop.create_task(self._work_backlog())
+        session = self.session
+        for packet in packets:
+            kind = type(packet)
+            # Acknowledgements and pings never wait behind held PUBLISHes: they are
+            # what drains the queues that hold them (no deadlock between two clients).
+            if session is not None and (kind is Puback or kind is Pubrec or kind is Pubcomp or kind is Pingreq):
+                self._handle_sync(packet)
+            else:
+                backlog.append(packet)
+        if len(backlog) > MAX_BACKLOG:
+            self._pause_reading("backlog")
+
+    def _pause_reading(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def _resume_reading(self, reason: str) -> None:
+        reasons = self._pause_reasons
+        if reason in reasons:
+            reasons.discard(reason)
+            if not reasons and self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+
+    # -- backpressure from congested subscribers ------------------------------------------------
+
+    def throttle(self, session: Session) -> None:
+        if self._blockers is None:
+            self._blockers = set()
+            self._unblocked = asyncio.Event()
+        self._blockers.add(session)
+        self._unblocked.clear()  # type: ignore[union-attr]
+
+    def unthrottle(self, session: Session) -> None:
+        blockers = self._blockers
+        if blockers:
+            blockers.discard(session)
+            if not blockers:
+                self._unblocked.set()  # type: ignore[union-attr]
+
+    async def _wait_unblocked(self) -> None:
+        assert self._unblocked is not None
+        try:
+            async with asyncio.timeout(MAX_THROTTLE):
+                await self._unblocked.wait()
+        except TimeoutError:
+            log.warning("publisher %r held for %gs by congested subscribers; releasing it",
+                        self.session.client_id if self.session else self.peer, MAX_THROTTLE)
+            for session in list(self._blockers or ()):
+                session.forget_publisher(self)
+            self._blockers = None
 
     # -- output --------------------------------------------------------------------------------
 
@@ -282,6 +347,10 @@ class MQTTConnection(asyncio.Protocol):
                 bucket = self._bucket
                 if bucket is None or bucket.take() <= 0:
                     if self._publish_now(packet):
+                        if self._blockers:
+                            # A subscriber is congested: the rest waits, in order.
+                            self._enqueue(packets[index + 1:])
+                            return
                         continue
                     self._prepaid = packet
             elif type(packet) is Puback and self.session is not None:
@@ -293,8 +362,7 @@ class MQTTConnection(asyncio.Protocol):
             elif self._handle_sync(packet):
                 continue
             # Needs an await: the rest waits in order behind it.
-            self._backlog = deque(packets[index:])
-            self._worker = self.loop.create_task(self._work_backlog())
+            self._enqueue(packets[index:])
             return
 
     def _handle_sync(self, packet: object) -> bool:
@@ -346,6 +414,8 @@ class MQTTConnection(asyncio.Protocol):
                 elif self.session is None:
                     self._protocol_error(f"expected CONNECT, got {kind.__name__}")
                 elif kind is Publish:
+                    if self._blockers:
+                        await self._wait_unblocked()
                     if packet is not self._prepaid:
                         await self._throttle()
                     self._prepaid = None
@@ -361,8 +431,7 @@ class MQTTConnection(asyncio.Protocol):
         finally:
             self._backlog = None
             self._worker = None
-            if self.transport is not None and not self._closing:
-                self.transport.resume_reading()
+            self._resume_reading("backlog")
 
     # -- CONNECT ----------------------------------------------------------------------------------
 
@@ -432,6 +501,7 @@ class MQTTConnection(asyncio.Protocol):
                 max_inflight=ctx.config.limits.max_inflight_messages,
                 max_queued=ctx.config.limits.max_queued_messages,
                 metrics=ctx.metrics,
+                flow=registry,
             )
             registry.sessions[client_id] = session
         else:
@@ -477,11 +547,14 @@ class MQTTConnection(asyncio.Protocol):
         if bucket is None:
             return
         wait = bucket.take()
-        while wait > 0 and not self._closing:
-            if self.transport is not None:
-                self.transport.pause_reading()
-            await asyncio.sleep(wait)
-            wait = bucket.take()
+        if wait > 0:
+            self._pause_reading("ratelimit")
+            try:
+                while wait > 0 and not self._closing:
+                    await asyncio.sleep(wait)
+                    wait = bucket.take()
+            finally:
+                self._resume_reading("ratelimit")
 
     async def _publish_awaited(self, packet: Publish) -> None:
         assert self.auth is not None
@@ -499,7 +572,12 @@ class MQTTConnection(asyncio.Protocol):
                 log.warning("dropped PUBLISH from %r: payload of %d bytes exceeds limits.max_message_size",
                             self.session.client_id if self.session else "", len(packet.payload))
             else:
-                self.ctx.router.publish(Message(packet.topic, packet.payload, qos, packet.retain))
+                registry = self.registry
+                registry.current_publisher = self
+                try:
+                    self.ctx.router.publish(Message(packet.topic, packet.payload, qos, packet.retain))
+                finally:
+                    registry.current_publisher = None
         elif outcome is Outcome.UNAVAILABLE:
             self.ctx.metrics.dropped(Protocol.MQTT, "auth_unavailable")
             if qos:

@@ -33,6 +33,11 @@ class SessionOutput(TypingProtocol):
 
     def can_send(self) -> bool: ...
 
+    def throttle(self, session: Session) -> None:
+        """Hold this connection's further PUBLISHes until `unthrottle` (backpressure)."""
+
+    def unthrottle(self, session: Session) -> None: ...
+
     def send_publish(
         self, message: Message, qos: int, retain: bool, dup: bool, packet_id: int | None
     ) -> None: ...
@@ -66,6 +71,10 @@ class Session:
         "_max_queued",
         "_metrics",
         "_dropped_logged",
+        "_flow",
+        "_throttled",
+        "_high_water",
+        "_low_water",
         "__weakref__",
     )
 
@@ -78,6 +87,7 @@ class Session:
         max_inflight: int,
         max_queued: int,
         metrics: Metrics,
+        flow: FlowControl | None = None,
     ) -> None:
         self.client_id = client_id
         self.clean = clean
@@ -92,6 +102,11 @@ class Session:
         self._max_queued = max_queued
         self._metrics = metrics
         self._dropped_logged = 0
+        self._flow = flow
+        #: Publishers held back because this session's queue is long (backpressure).
+        self._throttled: set[SessionOutput] | None = None
+        self._high_water = max(1, max_queued // 2)
+        self._low_water = max_queued // 4
 
     # The router compares subscribers by identity; keep the default object hash/eq.
 
@@ -112,6 +127,37 @@ class Session:
             self._drop("queue_full")
             return
         self.queue.append((message, qos, retain))
+        if output is not None and len(self.queue) >= self._high_water and self._flow is not None:
+            self._hold_publisher(output)
+
+    def _hold_publisher(self, output: SessionOutput) -> None:
+        """Slow the connection whose PUBLISH is filling this queue, instead of dropping.
+
+        Only an online session applies it (an offline one must not stall its
+        publishers), and never to its own connection, whose acks drain the queue.
+        """
+        publisher = self._flow.current_publisher  # type: ignore[union-attr]
+        if publisher is None or publisher is output:
+            return
+        throttled = self._throttled
+        if throttled is None:
+            throttled = self._throttled = set()
+        if publisher not in throttled:
+            throttled.add(publisher)
+            publisher.throttle(self)
+
+    def forget_publisher(self, publisher: SessionOutput) -> None:
+        """The publisher stopped waiting for this session (it gave up or went away)."""
+        if self._throttled is not None:
+            self._throttled.discard(publisher)
+
+    def _release_publishers(self) -> None:
+        throttled = self._throttled
+        if throttled is None:
+            return
+        self._throttled = None
+        for publisher in throttled:
+            publisher.unthrottle(self)
 
     def _drop(self, reason: str) -> None:
         self._metrics.dropped(Protocol.MQTT, reason)
@@ -158,7 +204,9 @@ class Session:
                 queue.popleft()
                 self._send_new(output, message, qos, retain)
             else:
-                return
+                break
+        if self._throttled is not None and len(queue) <= self._low_water:
+            self._release_publishers()
 
     # -- acknowledgements from the client ---------------------------------------------------
 
@@ -203,6 +251,12 @@ class Session:
     def detach(self, output: SessionOutput) -> None:
         if self.output is output:
             self.output = None
+            self._release_publishers()
+
+
+class FlowControl(TypingProtocol):
+    #: The connection whose PUBLISH the router is delivering right now.
+    current_publisher: SessionOutput | None
 
 
 class SessionRegistry:
@@ -213,6 +267,8 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
         #: The connection currently owning each client id (for takeover).
         self.owners: dict[str, object] = {}
+        #: Set around `router.publish` so a congested session knows whom to hold back.
+        self.current_publisher: SessionOutput | None = None
 
     def discard(self, session: Session) -> None:
         """End a session: its subscriptions and queued messages go with it."""
@@ -224,3 +280,4 @@ class SessionRegistry:
             log.info("discarded session %r with %d undelivered messages", session.client_id, lost)
         session.queue.clear()
         session.inflight.clear()
+        session._release_publishers()

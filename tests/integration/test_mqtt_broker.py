@@ -468,3 +468,41 @@ def _read_until_closed(sock: socket.socket) -> bool:
         return False
     finally:
         sock.close()
+
+
+def test_slow_subscriber_holds_publisher_back_instead_of_dropping(
+    start_gateway: Any, tmp_path: Path, clients: Any, root_password: str
+) -> None:
+    gw = start_gateway(loopback_config(tmp_path, limits={"max_queued_messages": 100, "max_inflight_messages": 10}))
+    port = gw.mqtt_port
+    slow = _RawClient(port)
+    slow.send(_connect_bytes("slow", ROOT_USER, root_password))
+    slow.read_packet()
+    slow.send(b"\x82\x08\x00\x01\x00\x03b/p\x01")
+    assert slow.read_packet() == (0x90, b"\x00\x01\x01")
+    pub = root(port, clients, root_password, client_id="fast-pub")
+    total = 2000
+    for i in range(total):
+        pub.client.publish("b/p", str(i).encode(), qos=1)
+
+    def queued() -> int:
+        assert gw.gateway is not None
+        registry = gw.gateway.state.shared("mqtt.sessions", lambda: None)
+        return len(registry.sessions["slow"].queue)
+
+    deadline = time.monotonic() + 10
+    while queued() < 50 and time.monotonic() < deadline:  # the subscriber is congested
+        time.sleep(0.01)
+    assert queued() >= 50
+    received = []
+    while len(received) < total:
+        header, body = slow.read_packet()
+        assert header & 0xF0 == 0x30
+        topic_length = int.from_bytes(body[:2], "big")
+        packet_id = body[2 + topic_length: 4 + topic_length]
+        received.append(int(body[4 + topic_length:]))
+        slow.send(b"\x40\x02" + packet_id)
+    assert received == list(range(total))
+    slow.close()
+    dropped = gw.call(lambda: sum(gw.gateway.metrics.messages_dropped.values()))  # type: ignore[union-attr]
+    assert dropped == 0

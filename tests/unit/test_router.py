@@ -518,3 +518,8 @@ def test_message_is_a_frozen_positional_value() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         message.qos = 1  # type: ignore[misc]
     assert not hasattr(message, "__dict__")
+    assert dataclasses.replace(message, retain=True) == Message("a", b"p", 0, True)
+    assert hash(Message("a", b"p", 1)) == hash(Message("a", b"p", 1))
+    assert Message("a", b"p") != Message("a", b"q")
+    assert [f.name for f in dataclasses.fields(Message)] == ["topic", "payload", "qos", "retain"]
+    assert repr(Message("t", b"p", 2, True)) == "Message(topic='t', payload=b'p', qos=2, retain=True)"
