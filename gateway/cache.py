@@ -19,7 +19,7 @@ V = TypeVar("V")
 
 
 class TTLCache(Generic[K, V]):
-    __slots__ = ("name", "maxsize", "ttl", "jitter", "hits", "misses", "_data", "_clock", "_random")
+    __slots__ = ("name", "maxsize", "ttl", "jitter", "hits", "misses", "keep_stale", "_data", "_clock", "_random")
 
     def __init__(
         self,
@@ -28,6 +28,7 @@ class TTLCache(Generic[K, V]):
         maxsize: int,
         ttl: float,
         jitter: float = 0.1,
+        keep_stale: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
@@ -36,6 +37,8 @@ class TTLCache(Generic[K, V]):
         self.jitter = jitter
         self.hits = 0
         self.misses = 0
+        #: Expired entries are kept this long for `get_stale` (stale-if-error).
+        self.keep_stale = keep_stale
         self._data: dict[K, tuple[float, V]] = {}
         self._clock = clock
         self._random = random.Random()
@@ -52,8 +55,11 @@ class TTLCache(Generic[K, V]):
         if entry is None:
             self.misses += 1
             return None
-        if entry[0] <= self._clock():
-            del self._data[key]
+        expires = entry[0]
+        now = self._clock()
+        if expires <= now:
+            if expires + self.keep_stale <= now:
+                del self._data[key]
             self.misses += 1
             return None
         self.hits += 1
@@ -86,7 +92,7 @@ class TTLCache(Generic[K, V]):
         now = self._clock()
         # Drop expired entries among the oldest first; if none, the oldest one.
         for key in list(data)[: max(1, len(data) // 16)]:
-            if data[key][0] <= now:
+            if data[key][0] + self.keep_stale <= now:
                 del data[key]
         if len(data) >= self.maxsize:
             del data[next(iter(data))]

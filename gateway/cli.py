@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli_store import register
 
     register(sub)
+    from gateway.cli_auth_server import register as register_auth_server
+
+    register_auth_server(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from typing import Any, Final
 import yaml
 
 from gateway import providers as _providers
+from gateway.frontends.registry import built_kinds
 from gateway.config_types import (
     AtomConfig,
     AuthConfig,
@@ -66,7 +67,7 @@ __all__ = [
 
 #: Listener kinds whose frontend exists. Enabling any other kind is a startup
 #: error, and the built-in defaults only open these.
-BUILT_LISTENER_KINDS: frozenset[str] = frozenset({"tcp", "http"})
+BUILT_LISTENER_KINDS: frozenset[str] = built_kinds()
 
 #: Providers DESIGN.md names; third-party names come from the entry-point group.
 KNOWN_PROVIDERS: Final = ("local", "callout", "atom", "none")

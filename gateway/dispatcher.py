@@ -16,9 +16,12 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.cache import TTLCache, cache_metrics
+from gateway.coalescing import Coalescer
 from gateway.config_types import AuthConfig, LimitsConfig
 from gateway.events import (
     Action,
@@ -31,6 +34,7 @@ from gateway.events import (
 )
 from gateway.metrics import Metrics
 from gateway.providers import AuthProvider, ProviderContext, find_provider
+from gateway.resilience import ResilientProvider
 
 log = logging.getLogger("polygate.dispatcher")
 audit = logging.getLogger("polygate.audit")
@@ -55,7 +59,18 @@ class Dispatcher:
             provider = factory(
                 ProviderContext(auth=auth, limits=limits, invalidate_caches=self.invalidate, metrics=metrics)
             )
-        self.provider = provider
+        # Timeouts, retries of transport errors and the circuit breaker wrap every
+        # provider once, here; no provider carries its own copy.
+        self.provider: AuthProvider = ResilientProvider(
+            provider,
+            name=auth.provider,
+            timeout=auth.timeout,
+            retries=auth.retries,
+            breaker=auth.circuit_breaker,
+            metrics=metrics,
+        )
+        # Bounds the whole call, retries and backoff included (each attempt has `timeout`).
+        self._call_budget = auth.timeout * (auth.retries + 1) + auth.retries * 1.0 + 0.5
         self._authorize_now = getattr(provider, "authorize_now", None)
         self._client_scoped = bool(getattr(provider, "decisions_depend_on_client_id", False))
         # A key made at start: cache keys carry an HMAC of the secret, never the secret.
@@ -64,23 +79,40 @@ class Dispatcher:
         self.identity_cache: TTLCache[tuple[Protocol, str], Identity] = TTLCache(
             "identity", maxsize=size, ttl=auth.identity_cache_ttl, jitter=0.0
         )
+        stale = auth.stale_if_error
+        authn_ttl, decision_ttl = auth.authn_cache_ttl, auth.decision_cache_ttl
+        if auth.provider == "atom":
+            # The atom section carries its own TTLs (DESIGN: auth.atom.*_cache_ttl).
+            authn_ttl, decision_ttl = auth.atom.authn_cache_ttl, auth.atom.decision_cache_ttl
         self.authn_cache: TTLCache[Hashable, Decision] = TTLCache(
-            "authn", maxsize=size, ttl=auth.authn_cache_ttl
+            "authn", maxsize=size, ttl=authn_ttl, keep_stale=stale
         )
         self.decision_cache: TTLCache[Hashable, Decision] = TTLCache(
-            "decision", maxsize=size * 4, ttl=auth.decision_cache_ttl
+            "decision", maxsize=size * 4, ttl=decision_ttl, keep_stale=stale
         )
         self.negative_cache: TTLCache[Hashable, Decision] = TTLCache(
             "negative", maxsize=size, ttl=auth.negative_cache_ttl
         )
-        self._inflight: dict[Hashable, asyncio.Task[Decision]] = {}
-        self._outstanding = 0
-        self.coalesced = 0
-        self.shed = 0
+        self._calls: Coalescer[Decision] = Coalescer(max_inflight=auth.max_inflight)
+        self.stale_served = 0
         self.generation = 0
         metrics.add_collector(
             cache_metrics(lambda: (self.identity_cache, self.authn_cache, self.decision_cache, self.negative_cache))
         )
+        metrics.add_collector(self._collect)
+
+    def _collect(self) -> Iterable[Metric]:
+        for name, doc, value in (
+            ("polygate_auth_coalesced_calls", "Auth requests that shared an identical in-flight call", self.coalesced),
+            ("polygate_auth_shed_calls", "Auth misses refused at once: max_inflight calls outstanding", self.shed),
+            ("polygate_auth_stale_served", "Expired allows served while the provider was unavailable", self.stale_served),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+        outstanding = GaugeMetricFamily("polygate_auth_outstanding_calls", "Distinct auth calls in flight now")
+        outstanding.add_metric([], self._calls.outstanding)
+        yield outstanding
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -88,10 +120,16 @@ class Dispatcher:
         await self.provider.start()
 
     async def aclose(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
-        self._inflight.clear()
+        self._calls.cancel_all()
         await self.provider.aclose()
+
+    @property
+    def coalesced(self) -> int:
+        return self._calls.coalesced
+
+    @property
+    def shed(self) -> int:
+        return self._calls.shed
 
     def ready(self) -> bool:
         try:
@@ -185,6 +223,8 @@ class Dispatcher:
             if denied is not None:
                 return denied
         decision = await self._coalesced(("authn", key), lambda: self.provider.authenticate(event))
+        if decision.outcome is Outcome.UNAVAILABLE:
+            return self._stale_or(self.authn_cache, key, decision, event)
         self._remember(self.authn_cache, key, decision)
         return decision
 
@@ -224,8 +264,28 @@ class Dispatcher:
             return now
         key = self._decision_key(identity, event.client_id, event.action, event.topic)
         decision = await self._coalesced(("authz", key), lambda: self.provider.authorize(event, identity))
+        if decision.outcome is Outcome.UNAVAILABLE:
+            return self._stale_or(self.decision_cache, key, decision, event)
         self._remember(self.decision_cache, key, decision)
         return decision
+
+    def _stale_or(
+        self, cache: TTLCache[Hashable, Decision], key: Hashable, unavailable: Decision, event: AuthEvent
+    ) -> Decision:
+        """`auth.stale_if_error`: an allow that expired recently still serves while the provider is down."""
+        window = self.auth.stale_if_error
+        if window <= 0:
+            return unavailable
+        stale = cache.get_stale(key, window)
+        if stale is None or stale.outcome is not Outcome.ALLOW:
+            return unavailable
+        self.stale_served += 1
+        log.warning(
+            "serving a stale %s allow for client %r (%s): %s",
+            event.action.value, event.client_id, event.protocol.value, unavailable.reason,
+            extra={"event": "stale_allow", "client_id": event.client_id, "action": event.action.value},
+        )
+        return stale
 
     def _remember(self, cache: TTLCache[Hashable, Decision], key: Hashable, decision: Decision) -> None:
         """Cache an allow in `cache`, a denial in the negative cache; never an unavailable."""
@@ -238,37 +298,14 @@ class Dispatcher:
             self.negative_cache.put(key, decision, decision.ttl)
 
     async def _coalesced(self, key: Hashable, call: Callable[[], Awaitable[Decision]]) -> Decision:
-        """Share one provider call among identical concurrent requests.
-
-        The call runs as a task of the dispatcher's, not of the first caller: a
-        caller that goes away (client disconnected, request cancelled) must not
-        take the answer away from the others waiting for it.
-        """
-        pending = self._inflight.get(key)
-        if pending is not None:
-            self.coalesced += 1
-            return await asyncio.shield(pending)
-        if self._outstanding >= self.auth.max_inflight:
-            self.shed += 1
-            return Decision.unavailable("auth service overloaded: too many calls in flight")
-        task = asyncio.get_running_loop().create_task(self._guarded(call))
-        self._inflight[key] = task
-        self._outstanding += 1
-
-        def finished(_: asyncio.Task[Decision]) -> None:
-            self._outstanding -= 1
-            if self._inflight.get(key) is task:
-                del self._inflight[key]
-
-        task.add_done_callback(finished)
-        return await asyncio.shield(task)
+        return await self._calls.run(key, lambda: self._guarded(call), overloaded=_overloaded)
 
     async def _guarded(self, call: Callable[[], Awaitable[Decision]]) -> Decision:
         try:
-            async with asyncio.timeout(self.auth.timeout):
+            async with asyncio.timeout(self._call_budget):
                 decision = await call()
         except TimeoutError:
-            return Decision.unavailable(f"auth provider did not answer within {self.auth.timeout:g}s")
+            return Decision.unavailable(f"auth provider did not answer within {self._call_budget:g}s")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -283,6 +320,10 @@ class Dispatcher:
     def _record(self, event: AuthEvent, decision: Decision) -> None:
         self.metrics.auth_decisions[(event.protocol, event.action, decision.outcome)] += 1
         _audit(event.protocol, event.action, event.client_id, event.username, event.topic, event.peer, decision)
+
+
+def _overloaded() -> Decision:
+    return Decision.unavailable("auth service overloaded: too many calls in flight")
 
 
 def _audit(

@@ -14,7 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
-from gateway.frontends.http import AiohttpListener, error_boundary, error_response
+from gateway.frontends.aiohttp_listener import AiohttpListener
+from gateway.frontends.http import error_boundary, error_response
 
 log = logging.getLogger("polygate.health")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import importlib.util
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -77,6 +78,8 @@ ProviderFactory = Callable[[ProviderContext], AuthProvider]
 _BUILTIN: dict[str, str] = {
     "local": "auth_providers.local:LocalProvider",
     "none": "auth_providers.none:AllowAllProvider",
+    "callout": "auth_providers.callout:CalloutProvider",
+    "atom": "auth_providers.atom:AtomProvider",
 }
 
 
@@ -87,14 +90,15 @@ def _load(target: str) -> ProviderFactory:
 
 
 def available_providers() -> set[str]:
-    names = set(_BUILTIN)
+    """Built-in providers whose module is present, and every registered plug-in."""
+    names = {name for name, target in _BUILTIN.items() if importlib.util.find_spec(target.partition(":")[0])}
     names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
     return names
 
 
 def find_provider(name: str) -> ProviderFactory:
     """The factory registered under `name`: built-ins first, then the entry-point group."""
-    if name in _BUILTIN:
+    if name in _BUILTIN and name in available_providers():
         return _load(_BUILTIN[name])
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:

@@ -15,6 +15,7 @@ from gateway.config_types import GatewayConfig, ListenerConfig
 from gateway.context import FrontendContext
 from gateway.dispatcher import Dispatcher
 from gateway.errors import PolygateError
+from gateway.frontends.registry import FRONTENDS, frontend_class
 from gateway.metrics import Metrics
 from gateway.providers import AuthProvider
 from gateway.ratelimit import RateLimits
@@ -35,14 +36,6 @@ class Frontend(TypingProtocol):
     async def stop_accepting(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-def _frontend_classes() -> dict[str, type[Frontend]]:
-    # Imported here so that a frontend's dependencies load only when it is used.
-    from gateway.frontends.http import HTTPFrontend
-    from gateway.frontends.mqtt import MQTTFrontend
-
-    return {"tcp": MQTTFrontend, "http": HTTPFrontend}
 
 
 class ListenerStartError(PolygateError):
@@ -98,9 +91,12 @@ class Gateway:
             health = HealthServer(self.ctx, server.health, self.ready)
             await self._start_one(health, server.health)
             self.health = health
-        classes = _frontend_classes()
-        for kind, cls in classes.items():
-            for listener in getattr(server, kind):
+        for kind in FRONTENDS:
+            listeners = getattr(server, kind)
+            if not listeners:
+                continue
+            cls = frontend_class(kind)
+            for listener in listeners:
                 frontend = cls(self.ctx, listener)
                 await self._start_one(frontend, listener)
                 self.frontends.setdefault(kind, []).append(frontend)

@@ -43,9 +43,9 @@ def start_gateway(tmp_path: Path, root_password: str) -> Iterator[Callable[..., 
     """Start gateways from config dicts; every one is stopped after the test."""
     started: list[GatewayThread] = []
 
-    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> GatewayThread:
+    def start(config: dict[str, Any] | None = None, *, provider: Any = None, **kwargs: Any) -> GatewayThread:
         data = config if config is not None else loopback_config(tmp_path, **kwargs)
-        gw = GatewayThread.from_dict(data).start()
+        gw = GatewayThread.from_dict(data, provider=provider).start()
         started.append(gw)
         return gw
 
@@ -68,3 +68,28 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("POLYGATE_ROOT_PASSWORD", None)
     return env
+
+
+class UnavailableProvider:
+    """A provider whose service is down: every answer is unavailable.
+
+    For frontend tests of the "auth service unavailable" path on every protocol;
+    the callout tests show the same with a real external service stopped.
+    """
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def ready(self) -> bool:
+        return False
+
+    async def authenticate(self, event: Any) -> Any:
+        from gateway.events import Decision
+
+        return Decision.unavailable("auth service down (test)")
+
+    async def authorize(self, event: Any, identity: Any) -> Any:
+        from gateway.events import Decision
+
+        return Decision.unavailable("auth service down (test)")

@@ -15,14 +15,16 @@ from typing import Any, TypeVar
 
 from gateway.config import parse_config
 from gateway.config_types import GatewayConfig
+from gateway.providers import AuthProvider
 from gateway.server import Gateway
 
 T = TypeVar("T")
 
 
 class GatewayThread:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, provider: AuthProvider | None = None) -> None:
         self.config = config
+        self.provider = provider
         self.gateway: Gateway | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
@@ -30,8 +32,8 @@ class GatewayThread:
         self._stop: asyncio.Event | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GatewayThread:
-        return cls(parse_config(data))
+    def from_dict(cls, data: dict[str, Any], *, provider: AuthProvider | None = None) -> GatewayThread:
+        return cls(parse_config(data), provider=provider)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -41,7 +43,7 @@ class GatewayThread:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         try:
-            self.gateway = Gateway(self.config)
+            self.gateway = Gateway(self.config, provider=self.provider)
             await self.gateway.start()
         except BaseException as exc:
             self._started.set_exception(exc)

@@ -7,9 +7,9 @@ authorizes it (`decide_stateless`) and this module only maps the decision to a
 status code. A raw body is read only once its request is authorized, and no
 body is read beyond the size limit.
 
-`AiohttpListener` (socket, TLS, runner) is shared with the health listener and
-any other aiohttp-based listener; TLS contexts and client-certificate identities
-come from `gateway.frontends.tls`, as for every frontend.
+The listening socket, TLS and runner come from `gateway.frontends.aiohttp_listener`
+(shared with the health and WebSocket listeners); client-certificate identities
+come from `gateway.frontends.peers`, as for every frontend.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import collections
 import json
 import logging
 import math
-import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -33,16 +32,14 @@ from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
+from gateway.frontends.aiohttp_listener import AiohttpListener
 from gateway.frontends.peers import format_peer, peer_identity
-from gateway.frontends.tls import server_ssl_context
 from gateway.metrics import Metrics
 from gateway.router import Message
 from gateway.topics import validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.http")
 
-#: Connection storms overflow the default of 128 (LIBRARIES.md).
-LISTEN_BACKLOG = 4096
 #: A comment line this often keeps proxies from closing an idle event stream.
 KEEPALIVE_INTERVAL = 15.0
 #: A stream that keeps overflowing logs its first drop and then every this many.
@@ -144,86 +141,6 @@ async def error_boundary(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("%s %s failed", request.method, request.rel_url.raw_path)
         return error_response(500, "internal server error")
-
-
-# -- the listening socket, shared by every aiohttp-based listener -------------------------------
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; "" binds every interface (IPv4 and IPv6 on one port)."""
-    host = host.strip("[]")
-    if not host:
-        if socket.has_dualstack_ipv6():
-            return socket.create_server(
-                ("::", port), family=socket.AF_INET6, backlog=LISTEN_BACKLOG, dualstack_ipv6=True
-            )
-        return socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
-
-
-class AiohttpListener:
-    """Serves one aiohttp application on one configured listener."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        listener: ListenerConfig,
-        *,
-        shutdown_timeout: float,
-        handler_cancellation: bool = False,
-    ) -> None:
-        self._app = app
-        self._listener = listener
-        self._shutdown_timeout = shutdown_timeout
-        self._handler_cancellation = handler_cancellation
-        self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
-        self._accepting = False
-        self._bound: tuple[str, int] | None = None
-
-    async def start(self) -> None:
-        listener = self._listener
-        ssl_context = server_ssl_context(listener) if listener.tls else None
-        sock = bind_socket(listener.host, listener.port)
-        runner = web.AppRunner(
-            self._app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self._shutdown_timeout,
-            handler_cancellation=self._handler_cancellation,
-        )
-        try:
-            await runner.setup()
-            site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
-            await site.start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
-        self._runner, self._site, self._accepting = runner, site, True
-        host, port = sock.getsockname()[:2]
-        self._bound = (host, port)
-
-    @property
-    def bound(self) -> tuple[str, int]:
-        if self._bound is None:
-            raise RuntimeError(f"{self._listener.name} is not started")
-        return self._bound
-
-    async def stop_accepting(self) -> None:
-        if self._site is not None and self._accepting:
-            self._accepting = False
-            # Closes only the listening socket; connections already accepted keep going.
-            await self._site.stop()
-
-    async def aclose(self) -> None:
-        self._accepting = False
-        runner, self._runner, self._site = self._runner, None, None
-        if runner is not None:
-            await runner.cleanup()
 
 
 # -- who is asking -------------------------------------------------------------------------------

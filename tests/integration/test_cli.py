@@ -120,3 +120,15 @@ def test_python_dash_m_gateway_and_console_script_agree() -> None:
     if script.exists():
         assert subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30).stdout == result.stdout
     assert os.path.exists(Path(sys.executable))
+
+
+def test_deploy_configs_are_valid(tmp_path: Path) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    assert polygate("check-config", str(root / "deploy" / "polygate.container.yaml")).returncode == 0
+    documents = list(yaml.safe_load_all((root / "deploy" / "kubernetes" / "polygate.yaml").read_text()))
+    embedded = tmp_path / "configmap.yaml"
+    embedded.write_text(documents[0]["data"]["polygate.yaml"])
+    result = polygate("check-config", str(embedded))
+    assert result.returncode == 0, result.stderr

@@ -200,3 +200,22 @@ async def test_cancelled_first_caller_does_not_strand_coalesced_waiters() -> Non
     decisions = await asyncio.wait_for(asyncio.gather(*others), timeout=5)
     assert all(d.allowed for d in decisions)
     assert provider.authn_calls == 1
+
+
+async def test_stale_if_error_serves_recent_allow_only_when_set() -> None:
+    provider = CountingProvider()
+    strict = make(provider, authn_cache_ttl=0.05)
+    assert (await strict.decide(connect())).allowed
+    await asyncio.sleep(0.08)  # let the entry expire
+    provider.fail = True
+    assert (await strict.decide(connect())).outcome is Outcome.UNAVAILABLE
+
+    provider2 = CountingProvider()
+    lenient = make(provider2, authn_cache_ttl=0.05, stale_if_error=60.0)
+    assert (await lenient.decide(connect())).allowed
+    await asyncio.sleep(0.08)
+    provider2.fail = True
+    assert (await lenient.decide(connect())).allowed
+    assert lenient.stale_served == 1
+    # A denial never turns into a stale allow.
+    assert (await lenient.decide(connect(secret="wrong"))).outcome is Outcome.UNAVAILABLE

@@ -332,7 +332,7 @@ async def test_store_changes_reach_a_caching_dispatcher(db: str) -> None:
         negative_cache_ttl=60.0,
     )
     dispatcher = Dispatcher(auth, limits=LimitsConfig(), metrics=Metrics())
-    assert isinstance(dispatcher.provider, LocalProvider)
+    assert isinstance(dispatcher.provider.inner, LocalProvider)  # type: ignore[attr-defined]
     await dispatcher.start()
     try:
         assert (await dispatcher.decide(connect("alice", "alice-pw"))).allowed
