@@ -42,11 +42,17 @@ class AiohttpListener:
         *,
         shutdown_timeout: float,
         handler_cancellation: bool = False,
+        keepalive_timeout: float | None = None,
     ) -> None:
+        """`keepalive_timeout`: also how long a new connection may take to send its
+        first request (None: aiohttp's default)."""
         self._app = app
         self._listener = listener
         self._shutdown_timeout = shutdown_timeout
         self._handler_cancellation = handler_cancellation
+        self._runner_options: dict[str, float] = {}
+        if keepalive_timeout is not None:
+            self._runner_options["keepalive_timeout"] = keepalive_timeout
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
         self._accepting = False
@@ -62,6 +68,7 @@ class AiohttpListener:
             handle_signals=False,
             shutdown_timeout=self._shutdown_timeout,
             handler_cancellation=self._handler_cancellation,
+            **self._runner_options,
         )
         try:
             await runner.setup()

@@ -40,6 +40,9 @@ from gateway.topics import validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.http")
 
+#: Seconds an idle HTTP connection is kept open between requests.
+HTTP_KEEPALIVE_TIMEOUT = 75.0
+
 #: A comment line this often keeps proxies from closing an idle event stream.
 KEEPALIVE_INTERVAL = 15.0
 #: A stream that keeps overflowing logs its first drop and then every this many.
@@ -320,8 +323,14 @@ class HTTPFrontend:
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)
         # Cancelling a request's task when its client goes away is how an idle
         # event stream learns of the disconnect without waiting for a keepalive.
+        # An idle keep-alive connection (or one that never finishes its first
+        # request) is closed after this, not aiohttp's default of an hour.
         self._server = AiohttpListener(
-            app, listener, shutdown_timeout=ctx.config.server.shutdown_timeout, handler_cancellation=True
+            app,
+            listener,
+            shutdown_timeout=ctx.config.server.shutdown_timeout,
+            handler_cancellation=True,
+            keepalive_timeout=HTTP_KEEPALIVE_TIMEOUT,
         )
 
     async def start(self) -> None:

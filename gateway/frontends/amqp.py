@@ -1,0 +1,994 @@
+"""The AMQP 1.0 frontend: SASL PLAIN of our own, then proton's I/O-free engine on asyncio.
+
+Proton's server cannot check a PLAIN password from Python (LIBRARIES.md), so a
+connection runs in two layers on one `asyncio.Protocol`, with no thread:
+
+1. SASL (`gateway.amqp.sasl`, sans-IO): protocol header, sasl-mechanisms,
+   sasl-init with PLAIN credentials, sasl-outcome.
+2. AMQP: every later byte goes to a server `proton.Transport` without a SASL
+   layer; its `Collector` yields the events (open, attach, transfer, flow,
+   disposition) this module acts on, and its output goes back to the socket.
+
+When the credentials are checked. DESIGN.md sends the service the Open
+frame's container-id as the client id, and the Open frame only comes after
+the SASL outcome. So the SASL step checks only the form of the credentials
+(a malformed PLAIN response or an unoffered mechanism fails with outcome
+`auth`), answers ok, and keeps them; the one CONNECT decision is made when
+the client's Open arrives, with the container-id as the client id, before
+the gateway sends its own Open. A refused client gets our Open followed at
+once by a Close whose condition says why:
+    bad credentials          -> amqp:unauthorized-access ("bad credentials")
+    auth service unavailable -> amqp:internal-error ("auth service unavailable ...")
+This is one provider call per connection, keyed as DESIGN.md says, and the
+two failures read differently in every client (proton's client reports every
+failed sasl-outcome code as the same "Authentication failed", so a SASL-time
+check could not tell them apart). Nothing the client sends after its Open is
+acted on before the decision: event processing waits and reading pauses.
+
+Links. A client's sender link publishes to its target address (the topic as
+written), or, with no target address, to each message's `to`; the target is
+authorized once at attach, an anonymous sender's messages one by one. A
+client's receiver link subscribes its source address, the MQTT filter as
+written. Denied attaches are refused (attach, then detach with
+amqp:unauthorized-access); denied messages are rejected with that condition.
+
+Flow and settlement. The gateway grants each sender link `CREDIT_WINDOW`
+credit and tops it up as messages are routed; unsettled messages are
+accepted and settled after routing (at-least-once). Deliveries to a receiver
+link follow the client's credit, at most `limits.max_inflight_messages`
+unsettled; a queue of `limits.max_queued_messages` holds the rest and
+overflow is dropped, counted and logged. A delivery the client releases or
+modifies is sent again; one it rejects is dropped and counted. When a link or
+connection closes, its unsettled and queued messages are counted as dropped
+("unsettled_on_close", "queued_on_close"): AMQP 1.0 sessions here are not
+persistent, so there is nothing to keep them for.
+
+Payloads: a message's body bytes (a Data section or a binary value; a string
+value as UTF-8) are the payload; messages to AMQP clients carry the payload
+as one Data section and `to` set to the topic, so bytes are identical end
+to end across protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, Link, Transport, TransportException
+from proton import Message as AMQPMessage
+
+from gateway.amqp.sasl import SaslError, SaslInit, SaslServer
+from gateway.config_types import ListenerConfig
+from gateway.context import FrontendContext
+from gateway.dispatcher import SessionAuth
+from gateway.errors import InvalidTopic
+from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Outcome, Protocol
+from gateway.frontends.peers import peer_address, peer_identity
+from gateway.frontends.tls import server_ssl_context
+from gateway.router import Message
+from gateway.topics import validate_topic_filter, validate_topic_name
+
+log = logging.getLogger("polygate.amqp")
+
+#: From the TCP connect until the gateway's Open (SASL and the auth decision included).
+HANDSHAKE_TIMEOUT = 10.0
+#: Advertised in our Open: a client silent for this long is dropped (proton sends
+#: heartbeats for the client's own idle timeout).
+IDLE_TIMEOUT = 60.0
+#: Credit granted to each client sender link, topped up as messages are routed.
+CREDIT_WINDOW = 100
+#: Largest frame the gateway accepts and sends; larger messages span frames.
+MAX_FRAME_SIZE = 65536
+#: Sessions (channels) and links per connection: each link may hold a subscription.
+CHANNEL_MAX = 255
+MAX_LINKS = 256
+#: Bytes of AMQP overhead (header, properties, annotations) allowed on top of
+#: limits.max_message_size; past it a transfer is read and discarded, then rejected.
+ENVELOPE_ALLOWANCE = 64 * 1024
+CONTAINER_ID = "polygate"
+#: Listen backlog: connection storms overflow the default of 128 (LIBRARIES.md).
+LISTEN_BACKLOG = 4096
+
+UNAUTHORIZED = "amqp:unauthorized-access"
+#: No AMQP condition means "a service I depend on is down"; internal-error is the
+#: closest, and its description says which.
+UNAVAILABLE = "amqp:internal-error"
+INVALID_FIELD = "amqp:invalid-field"
+TOO_LARGE = "amqp:link:message-size-exceeded"
+RESOURCE_LIMIT = "amqp:resource-limit-exceeded"
+NOT_IMPLEMENTED = "amqp:not-implemented"
+DECODE_ERROR = "amqp:decode-error"
+FORCED = "amqp:connection:forced"
+
+#: The first drop and then every this many are logged, per link.
+DROP_LOG_EVERY = 1000
+
+_UNAVAILABLE_TEXT = "auth service unavailable; try again later"
+#: `_collect` result while a transfer is still arriving.
+_INCOMPLETE = object()
+
+
+def _refusal(decision: Decision, what: str) -> Condition:
+    """The condition telling a client why an attach or a message was refused."""
+    if decision.outcome is Outcome.UNAVAILABLE:
+        return Condition(UNAVAILABLE, _UNAVAILABLE_TEXT)
+    return Condition(UNAUTHORIZED, f"{what} not authorized")
+
+
+def payload_of(message: AMQPMessage) -> bytes | None:
+    """The payload of a received message, or None when its body is not bytes or text."""
+    body = message.body
+    if body is None:
+        return b""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        # Proton hands out memoryviews into C memory: copy before it is freed.
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return None
+
+
+def encode_for_client(message: Message) -> bytes:
+    """A routed message as an AMQP message: the payload as one Data section, `to` = topic."""
+    amqp = AMQPMessage(body=message.payload, inferred=True, address=message.topic)
+    return bytes(amqp.encode())
+
+
+class _Inbound:
+    """A link on which the client sends (a proton receiver on our side)."""
+
+    __slots__ = ("link", "topic")
+
+    def __init__(self, link: Link, topic: str | None) -> None:
+        self.link = link
+        #: None for a sender with no target address: each message's `to` is its topic.
+        self.topic = topic
+
+
+class _Outbound:
+    """A link on which the client receives: the router's subscriber for its source filter."""
+
+    __slots__ = ("conn", "link", "topic_filter", "presettled", "queue", "unsettled", "_tags", "_drops", "closed")
+
+    def __init__(self, conn: AMQPConnection, link: Link, topic_filter: str, presettled: bool) -> None:
+        self.conn = conn
+        self.link = link
+        self.topic_filter = topic_filter
+        self.presettled = presettled
+        self.queue: deque[Message] = deque()
+        #: Deliveries sent and not yet settled by the client, in send order.
+        self.unsettled: dict[Delivery, Message] = {}
+        self._tags = itertools.count(1)
+        self._drops = 0
+        self.closed = False
+
+    # The router keys subscribers by identity; keep the default object hash/eq.
+
+    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+        if self.closed:
+            return
+        if not self.queue and self._can_send():
+            self._send(message)
+            return
+        if len(self.queue) >= self.conn.max_queued:
+            self.drop("queue_full")
+            return
+        self.queue.append(message)
+
+    def _can_send(self) -> bool:
+        return (
+            self.link.credit > 0
+            and len(self.unsettled) < self.conn.max_inflight
+            and self.conn.can_send()
+        )
+
+    def _send(self, message: Message) -> None:
+        link = self.link
+        delivery = link.delivery(str(next(self._tags)))
+        link.send(self.conn.frontend.encode(message))
+        link.advance()
+        if self.presettled:
+            delivery.settle()
+        else:
+            self.unsettled[delivery] = message
+        self.conn.sent()
+
+    def pump(self) -> None:
+        queue = self.queue
+        while queue and self._can_send():
+            self._send(queue.popleft())
+        link = self.link
+        if link.drain_mode and not queue and link.credit > 0:
+            # The client asked for what is there, and nothing is: give back the credit.
+            link.drained()
+            self.conn.schedule_flush()
+
+    def settled(self, delivery: Delivery) -> None:
+        """The client settled (or gave an outcome for) a delivery."""
+        message = self.unsettled.pop(delivery, None)
+        state = delivery.remote_state
+        delivery.settle()
+        if message is None:
+            return
+        if state == Delivery.RELEASED or (state == Delivery.MODIFIED and not delivery.remote.undeliverable):
+            # Not processed by the client: send it again, ahead of newer messages.
+            self.queue.appendleft(message)
+        elif state == Delivery.REJECTED or state == Delivery.MODIFIED:
+            # Rejected, or "not here": this link will not take it, and there is no other.
+            self.drop("rejected")
+        self.pump()
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        conn = self.conn
+        conn.ctx.metrics.dropped(Protocol.AMQP, reason, count)
+        before = self._drops
+        self._drops += count
+        if before == 0 or before // DROP_LOG_EVERY != self._drops // DROP_LOG_EVERY:
+            log.warning(
+                "dropped %d message(s) for AMQP client %r on %r: %s (%d so far on this link)",
+                count, conn.client_id, self.topic_filter, reason, self._drops,
+                extra={"event": "message_dropped", "client_id": conn.client_id, "reason": reason},
+            )
+
+    def close(self) -> None:
+        """The link or its connection ended: what was not settled is lost, and counted."""
+        if self.closed:
+            return
+        self.closed = True
+        self.conn.ctx.router.unsubscribe_all(self)
+        lost_unsettled, lost_queued = len(self.unsettled), len(self.queue)
+        self.unsettled.clear()
+        self.queue.clear()
+        if lost_unsettled:
+            self.drop("unsettled_on_close", lost_unsettled)
+        if lost_queued:
+            self.drop("queued_on_close", lost_queued)
+
+
+class AMQPConnection(asyncio.Protocol):
+    """One client connection: the SASL step, then proton's engine driven by asyncio."""
+
+    def __init__(self, frontend: AMQPFrontend) -> None:
+        self.frontend = frontend
+        self.ctx = frontend.ctx
+        self.listener = frontend.listener
+        self.loop = asyncio.get_running_loop()
+        limits = self.ctx.config.limits
+        self.max_queued = limits.max_queued_messages
+        self.max_inflight = max(1, limits.max_inflight_messages)
+        self._max_payload = limits.max_message_size
+        self._max_topic = limits.max_topic_length
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.tls_identity = ""
+        self.client_id = ""
+        self.auth: SessionAuth | None = None
+        requires_auth = self.ctx.dispatcher.requires_auth(Protocol.AMQP)
+        self._sasl: SaslServer | None = SaslServer(
+            mechanisms=("PLAIN",) if requires_auth else ("PLAIN", "ANONYMOUS"),
+            allow_skip=not requires_auth,
+        )
+        self._credentials: SaslInit | None = None
+        self._engine: Transport | None = None
+        self._connection: Connection | None = None
+        self._collector: Collector | None = None
+        self._inbound: dict[Link, _Inbound] = {}
+        self._outbound: dict[Link, _Outbound] = {}
+        #: Partly received transfers: bytes so far, or None once too large to keep.
+        self._partial: dict[Delivery, bytearray | None] = {}
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._in_callback = False
+        #: An awaited answer holds event processing (and reading) until it is acted on.
+        self._blocked = False
+        self._worker: asyncio.Task[None] | None = None
+        self._write_paused = False
+        self._closing = False
+        self._registered = False
+        self._opened = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._bucket = self.ctx.ratelimits.new_message_bucket()
+        self._metrics_in = self.ctx.metrics.messages_in
+        self._metrics_out = self.ctx.metrics.messages_out
+
+    # -- transport callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        ip, self.peer = peer_address(transport)
+        self.tls_identity = peer_identity(transport)
+        ctx = self.ctx
+        if ctx.ratelimits.check_connection(ip) > 0:
+            ctx.metrics.connection_refused(Protocol.AMQP, "rate_limited")
+            log.warning("connection from %s refused: rate limited", ip,
+                        extra={"event": "connection_refused", "peer": self.peer})
+            transport.abort()
+            return
+        if not ctx.state.register(self.listener.name, self):
+            ctx.metrics.connection_refused(Protocol.AMQP, "max_connections")
+            log.warning("connection from %s refused: %s is full or stopping", self.peer, self.listener.name,
+                        extra={"event": "connection_refused", "peer": self.peer})
+            transport.abort()
+            return
+        self._registered = True
+        ctx.metrics.connection_opened(Protocol.AMQP)
+        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        for handle in (self._timer, self._tick_handle):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._tick_handle = None
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+        for outbound in self._outbound.values():
+            outbound.close()
+        self._outbound.clear()
+        self._inbound.clear()
+        self._partial.clear()
+        if self.auth is not None:
+            self.auth.close()
+            self.auth = None
+        self._credentials = None
+        if self._collector is not None:
+            # Free the events still queued (they hold the links and deliveries).
+            self._collector.release()
+        if self._engine is not None:
+            self._engine.unbind()
+        self._engine = self._connection = self._collector = None
+        if self._registered:
+            self._registered = False
+            self.ctx.state.unregister(self.listener.name, self)
+            self.ctx.metrics.connection_closed(Protocol.AMQP)
+        log.debug("AMQP connection from %s (%r) closed: %s", self.peer, self.client_id, exc or "closed")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._opened and not self._closing:
+            self._in_callback = True
+            try:
+                for outbound in list(self._outbound.values()):
+                    outbound.pump()
+            finally:
+                self._in_callback = False
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        engine = self._engine
+        if engine is not None and not self._closing:
+            engine.close_tail()
+            self._after_input()
+        else:
+            self._drop_peer("the peer closed its side during the handshake")
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._in_callback = True
+        try:
+            if self._sasl is not None:
+                data = self._sasl_received(data)
+            if data and not self._closing:
+                self._push(data)
+        finally:
+            self._in_callback = False
+        if self._engine is not None:
+            self._after_input()
+        else:
+            self._flush()
+
+    # -- layer 1: SASL ------------------------------------------------------------------------
+
+    def _sasl_received(self, data: bytes) -> bytes:
+        """Feed the SASL step; return the bytes that belong to the AMQP layer (once it is done)."""
+        sasl = self._sasl
+        assert sasl is not None
+        try:
+            event = sasl.receive_data(data)
+        except SaslError as exc:
+            self._write(sasl.data_to_send() + exc.reply)
+            self._drop_peer(str(exc))
+            return b""
+        self._write(sasl.data_to_send())
+        if event is None:
+            return b""
+        if isinstance(event, SaslInit):
+            self._credentials = event
+            # Checked with the Open frame's container-id as the client id (module docstring).
+            sasl.succeed()
+            self._write(sasl.data_to_send())
+        self._sasl = None
+        self._start_engine()
+        return sasl.remainder
+
+    def _start_engine(self) -> None:
+        engine = Transport(Transport.SERVER)
+        engine.max_frame_size = MAX_FRAME_SIZE
+        engine.channel_max = CHANNEL_MAX
+        engine.idle_timeout = IDLE_TIMEOUT
+        connection = Connection()
+        collector = Collector()
+        connection.collect(collector)
+        engine.bind(connection)
+        self._engine, self._connection, self._collector = engine, connection, collector
+
+    # -- layer 2: proton's engine -------------------------------------------------------------
+
+    def _push(self, data: bytes) -> None:
+        engine = self._engine
+        assert engine is not None
+        view = memoryview(data)
+        try:
+            while view:
+                capacity = engine.capacity()
+                if capacity < 0:
+                    return  # input closed (a protocol error): the rest is discarded
+                if capacity == 0:
+                    # Proton consumes input as it parses; no room means it stopped reading.
+                    self._drop_peer("the AMQP engine accepts no more input")
+                    return
+                if capacity >= len(view):
+                    engine.push(data if len(view) == len(data) else bytes(view))
+                    return
+                engine.push(bytes(view[:capacity]))
+                view = view[capacity:]
+        except TransportException as exc:
+            self._drop_peer(f"AMQP engine error: {exc}")
+
+    def _after_input(self) -> None:
+        """Act on what the engine made of the input, then send what it produced."""
+        if self._engine is None or self._closing:
+            return
+        self._in_callback = True
+        try:
+            self._process_events()
+            self._tick()
+        except Exception:
+            # One error boundary per connection: a bug or an engine error on one
+            # client's input closes that client only, with the cause in the log.
+            log.exception("AMQP connection from %s (%r) failed", self.peer, self.client_id)
+            self._in_callback = False
+            self._drop_peer("internal error")
+            return
+        finally:
+            self._in_callback = False
+        self._flush()
+
+    def _tick(self) -> None:
+        """Let proton run its timers (idle timeout, heartbeats); keep one timer for the next."""
+        engine = self._engine
+        if engine is None:
+            return
+        deadline = engine.tick(self.loop.time())
+        handle = self._tick_handle
+        # Input usually moves the deadline later: the pending timer then fires early,
+        # harmlessly, and reschedules itself, instead of one new timer per read.
+        if handle is not None and (not deadline or handle.when() <= deadline):
+            return
+        if handle is not None:
+            handle.cancel()
+        self._tick_handle = self.loop.call_at(deadline, self._on_tick) if deadline else None
+
+    def _on_tick(self) -> None:
+        self._tick_handle = None
+        if self._engine is not None and not self._closing:
+            self._tick()
+            self._flush()
+
+    def _process_events(self) -> None:
+        collector = self._collector
+        handlers = _HANDLERS
+        while not self._blocked and collector is not None and not self._closing:
+            event = collector.peek()
+            if event is None:
+                return
+            try:
+                handler = handlers.get(event.type.number)
+                if handler is not None:
+                    handler(self, event)
+            finally:
+                collector.pop()
+
+    def _block(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Hold event processing and reading until `coro` has acted on its answer."""
+        self._blocked = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._worker = self.loop.create_task(self._run_blocked(coro))
+
+    async def _run_blocked(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        finally:
+            self._blocked = False
+            self._worker = None
+        if self._closing:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._after_input()
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            self._out.append(data)
+            self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        if not self._in_callback and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        engine = self._engine
+        finished = False
+        if engine is not None:
+            while True:
+                pending = engine.pending()
+                if pending < 0:
+                    finished = True  # the engine closed its output: all frames are out
+                    break
+                if pending == 0:
+                    break
+                chunk = engine.peek(pending)
+                engine.pop(pending)
+                if chunk:
+                    out.append(bytes(chunk))
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self._out = []
+        if finished and transport is not None:
+            self._closing = True
+            transport.close()
+
+    def can_send(self) -> bool:
+        return not self._write_paused and not self._closing
+
+    def sent(self) -> None:
+        self._metrics_out[Protocol.AMQP] += 1
+        self.schedule_flush()
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Close the connection (shutdown): a Close frame when the AMQP layer is up."""
+        if self._closing or self.transport is None:
+            return
+        connection = self._connection
+        if connection is not None and self._opened:
+            connection.condition = Condition(FORCED, reason)
+            connection.close()
+        self._closing = True
+        self._flush()
+        self.transport.close()
+
+    def _drop_peer(self, reason: str) -> None:
+        """A protocol error: say what we can (already written), then close only this peer."""
+        log.info("closing AMQP connection from %s: %s", self.peer, reason,
+                 extra={"event": "protocol_error", "peer": self.peer})
+        if self.transport is None or self._closing:
+            return
+        self._closing = True
+        self._flush()
+        self.transport.close()
+
+    def _refuse_connection(self, condition: Condition) -> None:
+        connection = self._connection
+        assert connection is not None
+        connection.container = CONTAINER_ID
+        connection.condition = condition
+        connection.open()
+        connection.close()
+        self._flush()
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            self.transport.close()
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if not self._opened:
+            self._drop_peer(f"handshake not complete within {HANDSHAKE_TIMEOUT:g}s")
+
+    # -- connection and sessions --------------------------------------------------------------
+
+    def _on_connection_remote_open(self, event: Event) -> None:
+        connection = event.connection
+        self.client_id = connection.remote_container or f"amqp:{self.peer}"
+        self._block(self._authenticate())
+
+    async def _authenticate(self) -> None:
+        credentials = self._credentials
+        self._credentials = None
+        event = AuthEvent(
+            protocol=Protocol.AMQP,
+            action=Action.CONNECT,
+            client_id=self.client_id,
+            username=credentials.username if credentials is not None else "",
+            secret=credentials.secret if credentials is not None else NO_SECRET,
+            peer=self.peer,
+            tls_identity=self.tls_identity,
+        )
+        decision = await self.ctx.dispatcher.decide(event)
+        if self._closing:
+            return
+        if decision.outcome is Outcome.UNAVAILABLE:
+            self._refuse_connection(Condition(UNAVAILABLE, _UNAVAILABLE_TEXT))
+            return
+        if decision.outcome is not Outcome.ALLOW or decision.identity is None:
+            self._refuse_connection(Condition(UNAUTHORIZED, "bad credentials"))
+            return
+        self.auth = self.ctx.dispatcher.session(event, decision.identity)
+        self._opened = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        connection = self._connection
+        assert connection is not None
+        connection.container = CONTAINER_ID
+        connection.open()
+        log.debug("AMQP client %r connected from %s as %r", self.client_id, self.peer,
+                  decision.identity.external_id)
+
+    def _on_connection_remote_close(self, event: Event) -> None:
+        connection = event.connection
+        if connection.state & Endpoint.LOCAL_ACTIVE:
+            connection.close()
+
+    def _on_session_remote_open(self, event: Event) -> None:
+        session = event.session
+        if session.state & Endpoint.LOCAL_UNINIT:
+            session.open()
+
+    def _on_session_remote_close(self, event: Event) -> None:
+        session = event.session
+        # Ending a session detaches its links without an event per link.
+        for link in [link for link in (*self._inbound, *self._outbound) if link.session == session]:
+            self._forget_link(link)
+        if session.state & Endpoint.LOCAL_ACTIVE:
+            session.close()
+
+    def _on_transport_error(self, event: Event) -> None:
+        condition = event.transport.condition
+        log.info("AMQP protocol error from %s: %s", self.peer, condition,
+                 extra={"event": "protocol_error", "peer": self.peer})
+
+    # -- links --------------------------------------------------------------------------------
+
+    def _on_link_remote_open(self, event: Event) -> None:
+        link = event.link
+        if not link.state & Endpoint.LOCAL_UNINIT:
+            return
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        if len(self._inbound) + len(self._outbound) >= MAX_LINKS:
+            self._refuse_link(link, Condition(RESOURCE_LIMIT, f"at most {MAX_LINKS} links per connection"))
+        elif link.is_receiver:
+            self._attach_inbound(link)
+        else:
+            self._attach_outbound(link)
+
+    def _refuse_link(self, link: Link, condition: Condition) -> None:
+        # An attach is answered before it is refused (AMQP 1.0 part 2.6.3).
+        link.condition = condition
+        link.open()
+        link.close()
+
+    def _attach_inbound(self, link: Link) -> None:
+        address = link.remote_target.address
+        if link.remote_target.dynamic:
+            self._refuse_link(link, Condition(NOT_IMPLEMENTED, "dynamic targets are not supported"))
+            return
+        if not address:
+            self._open_inbound(link, None)
+            return
+        try:
+            validate_topic_name(address, self._max_topic)
+        except InvalidTopic as exc:
+            self._refuse_link(link, Condition(INVALID_FIELD, f"target address is not a topic: {exc}"))
+            return
+        assert self.auth is not None
+        decision = self.auth.publish_now(address)
+        if decision is not None:
+            self._decide_inbound(link, address, decision)
+        else:
+            self._block(self._await_inbound(link, address))
+
+    async def _await_inbound(self, link: Link, address: str) -> None:
+        assert self.auth is not None
+        decision = await self.auth.publish(address)
+        if not self._closing:
+            self._decide_inbound(link, address, decision)
+
+    def _decide_inbound(self, link: Link, address: str, decision: Decision) -> None:
+        if decision.outcome is Outcome.ALLOW:
+            self._open_inbound(link, address)
+        else:
+            self._refuse_link(link, _refusal(decision, f"publishing to {address!r} is"))
+
+    def _open_inbound(self, link: Link, topic: str | None) -> None:
+        link.max_message_size = self._max_payload + ENVELOPE_ALLOWANCE
+        link.open()
+        self._inbound[link] = _Inbound(link, topic)
+        link.flow(CREDIT_WINDOW)
+
+    def _attach_outbound(self, link: Link) -> None:
+        source = link.remote_source
+        topic_filter = source.address
+        if source.dynamic or not topic_filter:
+            self._refuse_link(link, Condition(INVALID_FIELD, "a receiver needs a source address (a topic filter)"))
+            return
+        try:
+            validate_topic_filter(topic_filter, self._max_topic)
+        except InvalidTopic as exc:
+            self._refuse_link(link, Condition(INVALID_FIELD, f"source address is not a topic filter: {exc}"))
+            return
+        self._block(self._await_outbound(link, topic_filter))
+
+    async def _await_outbound(self, link: Link, topic_filter: str) -> None:
+        assert self.auth is not None
+        decision = await self.auth.subscribe(topic_filter)
+        if self._closing:
+            return
+        if decision.outcome is not Outcome.ALLOW:
+            self._refuse_link(link, _refusal(decision, f"subscribing to {topic_filter!r} is"))
+            return
+        presettled = link.remote_snd_settle_mode == Link.SND_SETTLED
+        link.snd_settle_mode = Link.SND_SETTLED if presettled else Link.SND_UNSETTLED
+        link.open()
+        outbound = _Outbound(self, link, topic_filter, presettled)
+        self._outbound[link] = outbound
+        self._in_callback = True
+        try:
+            for message in self.ctx.router.subscribe(outbound, topic_filter, 0 if presettled else 1):
+                outbound.deliver(message, message.qos, True)
+        finally:
+            self._in_callback = False
+
+    def _on_link_remote_close(self, event: Event) -> None:
+        link = event.link
+        self._forget_link(link)
+        if link.state & Endpoint.LOCAL_ACTIVE:
+            link.close()
+
+    def _on_link_remote_detach(self, event: Event) -> None:
+        link = event.link
+        self._forget_link(link)
+        if link.state & Endpoint.LOCAL_ACTIVE:
+            link.detach()
+
+    def _forget_link(self, link: Link) -> None:
+        outbound = self._outbound.pop(link, None)
+        if outbound is not None:
+            outbound.close()
+        self._inbound.pop(link, None)
+        for delivery in [d for d in self._partial if d.link == link]:
+            del self._partial[delivery]
+
+    def _on_link_flow(self, event: Event) -> None:
+        outbound = self._outbound.get(event.link)
+        if outbound is not None:
+            outbound.pump()
+
+    # -- deliveries ---------------------------------------------------------------------------
+
+    def _on_delivery(self, event: Event) -> None:
+        delivery = event.delivery
+        link = delivery.link
+        if link.is_sender:
+            outbound = self._outbound.get(link)
+            if outbound is not None:
+                if delivery.settled or delivery.remote_state:
+                    outbound.settled(delivery)
+            elif delivery.settled:
+                delivery.settle()
+            return
+        if delivery.aborted:
+            self._partial.pop(delivery, None)
+            delivery.settle()
+            return
+        inbound = self._inbound.get(link)
+        if inbound is None or not delivery.readable:
+            return
+        data = self._collect(delivery, link)
+        if data is not _INCOMPLETE:
+            self._receive(inbound, delivery, data)  # type: ignore[arg-type]
+
+    def _collect(self, delivery: Delivery, link: Link) -> bytearray | None | object:
+        """Take the bytes that arrived: the whole message, None when too large, or _INCOMPLETE.
+
+        Partial transfers are read as they arrive so the session window keeps
+        moving; past the size limit they are read and discarded.
+        """
+        buffer = self._partial.pop(delivery, bytearray())
+        chunk = link.recv(delivery.pending) or b""
+        if buffer is not None:
+            if len(buffer) + len(chunk) > self._max_payload + ENVELOPE_ALLOWANCE:
+                buffer = None
+            else:
+                buffer += chunk
+        if delivery.partial:
+            self._partial[delivery] = buffer
+            return _INCOMPLETE
+        return buffer
+
+    def _receive(self, inbound: _Inbound, delivery: Delivery, data: bytearray | None) -> None:
+        inbound.link.advance()
+        bucket = self._bucket
+        if bucket is not None:
+            wait = bucket.take()
+            if wait > 0:
+                self._block(self._throttled(inbound, delivery, data, wait))
+                return
+        self._handle_message(inbound, delivery, data)
+
+    async def _throttled(self, inbound: _Inbound, delivery: Delivery, data: bytearray | None, wait: float) -> None:
+        """A flooding client is slowed down, not dropped: nothing is read while it waits."""
+        bucket = self._bucket
+        while wait > 0 and not self._closing and bucket is not None:
+            await asyncio.sleep(wait)
+            wait = bucket.take()
+        if not self._closing:
+            self._in_callback = True
+            try:
+                self._handle_message(inbound, delivery, data)
+            finally:
+                self._in_callback = False
+
+    def _handle_message(self, inbound: _Inbound, delivery: Delivery, data: bytearray | None) -> None:
+        if data is None:
+            self.ctx.metrics.dropped(Protocol.AMQP, "too_large")
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
+                TOO_LARGE, f"a message may carry at most {self._max_payload} bytes (limits.max_message_size)"))
+            return
+        message = AMQPMessage()
+        try:
+            message.decode(bytes(data))
+        except Exception as exc:
+            # Client bytes: proton raises MessageException, but its conversion of odd
+            # values (bad UTF-8, unmapped types) can raise others; none may end the connection.
+            self.ctx.metrics.dropped(Protocol.AMQP, "malformed")
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(DECODE_ERROR, f"undecodable message: {exc}"))
+            return
+        payload = payload_of(message)
+        if payload is None:
+            self.ctx.metrics.dropped(Protocol.AMQP, "malformed")
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
+                INVALID_FIELD, "the body must be binary data or a string"))
+            return
+        if len(payload) > self._max_payload:
+            self.ctx.metrics.dropped(Protocol.AMQP, "too_large")
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
+                TOO_LARGE, f"a message may carry at most {self._max_payload} bytes (limits.max_message_size)"))
+            return
+        qos = 0 if delivery.settled else 1
+        topic = inbound.topic
+        if topic is not None:
+            self._route(inbound, delivery, Message(topic, payload, qos, False))
+            return
+        topic = message.address or ""
+        try:
+            validate_topic_name(topic, self._max_topic)
+        except InvalidTopic as exc:
+            self.ctx.metrics.dropped(Protocol.AMQP, "bad_topic")
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
+                INVALID_FIELD, f"a sender without a target address must set `to` to a topic: {exc}"))
+            return
+        assert self.auth is not None
+        decision = self.auth.publish_now(topic)
+        if decision is None:
+            self._block(self._await_message(inbound, delivery, Message(topic, payload, qos, False)))
+            return
+        self._act_on_message(inbound, delivery, Message(topic, payload, qos, False), decision)
+
+    async def _await_message(self, inbound: _Inbound, delivery: Delivery, message: Message) -> None:
+        assert self.auth is not None
+        decision = await self.auth.publish(message.topic)
+        if not self._closing:
+            self._in_callback = True
+            try:
+                self._act_on_message(inbound, delivery, message, decision)
+            finally:
+                self._in_callback = False
+
+    def _act_on_message(self, inbound: _Inbound, delivery: Delivery, message: Message, decision: Decision) -> None:
+        if decision.outcome is Outcome.ALLOW:
+            self._route(inbound, delivery, message)
+            return
+        reason = "auth_unavailable" if decision.outcome is Outcome.UNAVAILABLE else "denied"
+        self.ctx.metrics.dropped(Protocol.AMQP, reason)
+        self._settle_in(inbound, delivery, Delivery.REJECTED, _refusal(decision, f"publishing to {message.topic!r} is"))
+
+    def _route(self, inbound: _Inbound, delivery: Delivery, message: Message) -> None:
+        self._metrics_in[Protocol.AMQP] += 1
+        self.ctx.router.publish(message)
+        self._settle_in(inbound, delivery, Delivery.ACCEPTED, None)
+
+    def _settle_in(self, inbound: _Inbound, delivery: Delivery, outcome: Any, condition: Condition | None) -> None:
+        if not delivery.settled:
+            if condition is not None:
+                delivery.local.condition = condition
+            delivery.update(outcome)
+        delivery.settle()
+        link = inbound.link
+        if link.state & Endpoint.LOCAL_ACTIVE and link.credit < CREDIT_WINDOW // 2:
+            link.flow(CREDIT_WINDOW - link.credit)
+        self.schedule_flush()
+
+
+_HANDLERS: dict[int, Callable[[AMQPConnection, Event], None]] = {
+    Event.CONNECTION_REMOTE_OPEN.number: AMQPConnection._on_connection_remote_open,
+    Event.CONNECTION_REMOTE_CLOSE.number: AMQPConnection._on_connection_remote_close,
+    Event.SESSION_REMOTE_OPEN.number: AMQPConnection._on_session_remote_open,
+    Event.SESSION_REMOTE_CLOSE.number: AMQPConnection._on_session_remote_close,
+    Event.LINK_REMOTE_OPEN.number: AMQPConnection._on_link_remote_open,
+    Event.LINK_REMOTE_CLOSE.number: AMQPConnection._on_link_remote_close,
+    Event.LINK_REMOTE_DETACH.number: AMQPConnection._on_link_remote_detach,
+    Event.LINK_FLOW.number: AMQPConnection._on_link_flow,
+    Event.DELIVERY.number: AMQPConnection._on_delivery,
+    Event.TRANSPORT_ERROR.number: AMQPConnection._on_transport_error,
+}
+
+
+class AMQPFrontend:
+    """One AMQP 1.0 listener (plain or TLS)."""
+
+    protocol = Protocol.AMQP
+
+    def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self._server: asyncio.Server | None = None
+        self._ssl: ssl.SSLContext | None = server_ssl_context(listener) if listener.tls else None
+        # One routed message usually goes to several links: encode it once.
+        self._encoded_for: Message | None = None
+        self._encoded = b""
+
+    def encode(self, message: Message) -> bytes:
+        if message is not self._encoded_for:
+            self._encoded = encode_for_client(message)
+            self._encoded_for = message
+        return self._encoded
+
+    async def start(self) -> None:
+        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: AMQPConnection(self),
+            host=self.listener.host or None,
+            port=self.listener.port,
+            backlog=LISTEN_BACKLOG,
+            ssl=self._ssl,
+            reuse_address=True,
+        )
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        assert self._server is not None and self._server.sockets
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
