@@ -45,6 +45,7 @@ from auth_providers.acl import CLIENT_ID_PLACEHOLDER, expand, validate_pattern
 from auth_providers.local_store import hash_password, validate_username, verify_password
 from gateway.cache import TTLCache
 from gateway.errors import ConfigError, InvalidTopic, PolygateError, StoreError
+from gateway.frontends.tcp_listener import LISTEN_BACKLOG
 from gateway.events import Secret
 from gateway.topics import filter_covers, topic_matches, validate_topic_filter, validate_topic_name
 
@@ -78,7 +79,6 @@ REASON_TOPIC_NAME_INVALID = 0x90
 PROTOCOL_NAMES: Mapping[int, str] = {0: "", 1: "mqtt", 2: "amqp_1_0", 3: "amqp_0_9_1", 4: "http", 5: "coap"}
 _ACTION_NAMES: Mapping[int, str] = {0: "", 1: PUBLISH, 2: SUBSCRIBE}
 
-LISTEN_BACKLOG = 4096
 _MAX_HTTP_BODY = 64 * 1024
 _VERIFIED_TTL = 60.0
 _VERIFIED_MAX = 10_000

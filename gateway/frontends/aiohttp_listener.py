@@ -11,10 +11,9 @@ import socket
 from aiohttp import web
 
 from gateway.config_types import ListenerConfig
+from gateway.frontends.tcp_listener import LISTEN_BACKLOG
 from gateway.frontends.tls import server_ssl_context
 
-#: Connection storms overflow the default of 128 (LIBRARIES.md).
-LISTEN_BACKLOG = 4096
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

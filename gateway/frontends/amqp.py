@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -69,7 +68,7 @@ from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Outcome, Protocol
 from gateway.frontends.peers import peer_address, peer_identity
-from gateway.frontends.tls import server_ssl_context
+from gateway.frontends.tcp_listener import TCPListener
 from gateway.router import Message
 from gateway.topics import validate_topic_filter, validate_topic_name
 
@@ -91,8 +90,6 @@ MAX_LINKS = 256
 #: limits.max_message_size; past it a transfer is read and discarded, then rejected.
 ENVELOPE_ALLOWANCE = 64 * 1024
 CONTAINER_ID = "polygate"
-#: Listen backlog: connection storms overflow the default of 128 (LIBRARIES.md).
-LISTEN_BACKLOG = 4096
 
 UNAUTHORIZED = "amqp:unauthorized-access"
 #: No AMQP condition means "a service I depend on is down"; internal-error is the
@@ -945,16 +942,13 @@ _HANDLERS: dict[int, Callable[[AMQPConnection, Event], None]] = {
 }
 
 
-class AMQPFrontend:
+class AMQPFrontend(TCPListener):
     """One AMQP 1.0 listener (plain or TLS)."""
 
     protocol = Protocol.AMQP
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
-        self.ctx = ctx
-        self.listener = listener
-        self._server: asyncio.Server | None = None
-        self._ssl: ssl.SSLContext | None = server_ssl_context(listener) if listener.tls else None
+        super().__init__(ctx, listener)
         # One routed message usually goes to several links: encode it once.
         self._encoded_for: Message | None = None
         self._encoded = b""
@@ -965,30 +959,5 @@ class AMQPFrontend:
             self._encoded_for = message
         return self._encoded
 
-    async def start(self) -> None:
-        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: AMQPConnection(self),
-            host=self.listener.host or None,
-            port=self.listener.port,
-            backlog=LISTEN_BACKLOG,
-            ssl=self._ssl,
-            reuse_address=True,
-        )
-
-    @property
-    def bound(self) -> tuple[str, int]:
-        assert self._server is not None and self._server.sockets
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
-
-    async def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+    def connection_factory(self) -> Callable[[], AMQPConnection]:
+        return lambda: AMQPConnection(self)

@@ -36,7 +36,6 @@ import asyncio
 import logging
 import platform
 import secrets
-import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -93,7 +92,7 @@ from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol
 from gateway.frontends.peers import peer_address, peer_identity
-from gateway.frontends.tls import server_ssl_context
+from gateway.frontends.tcp_listener import TCPListener
 
 log = logging.getLogger("polygate.amqp091")
 
@@ -1121,51 +1120,20 @@ def _ignore(channel: Channel, method: Any) -> None:
     return None
 
 
-class AMQP091Frontend:
+class AMQP091Frontend(TCPListener):
     """One AMQP 0.9.1 listener (plain or TLS)."""
 
     protocol = Protocol.AMQP091
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
-        self.ctx = ctx
-        self.listener = listener
+        super().__init__(ctx, listener)
         self.broker: Broker = ctx.state.shared("amqp091.broker", lambda: Broker(
             router=ctx.router,
             metrics=ctx.metrics,
             max_queued=ctx.config.limits.max_queued_messages,
             check_owners=ctx.dispatcher.requires_auth(Protocol.AMQP091),
         ))
-        self._server: asyncio.Server | None = None
-        self._ssl: ssl.SSLContext | None = server_ssl_context(listener) if listener.tls else None
 
-    def _factory(self) -> Callable[[], AMQP091Connection]:
+    def connection_factory(self) -> Callable[[], AMQP091Connection]:
         ctx, listener, broker = self.ctx, self.listener, self.broker
         return lambda: AMQP091Connection(ctx, listener, broker)
-
-    async def start(self) -> None:
-        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._factory(),
-            host=self.listener.host or None,
-            port=self.listener.port,
-            backlog=4096,
-            ssl=self._ssl,
-            reuse_address=True,
-        )
-
-    @property
-    def bound(self) -> tuple[str, int]:
-        assert self._server is not None and self._server.sockets
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
-
-    async def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Outcome, Protocol, Secret
 from gateway.frontends.peers import peer_address, peer_identity
-from gateway.frontends.tls import server_ssl_context
+from gateway.frontends.tcp_listener import TCPListener
 from gateway.mqtt.codec import (
     PINGRESP_BYTES,
     MQTTDecoder,
@@ -639,46 +638,15 @@ class MQTTConnection(asyncio.Protocol):
             session.deliver(message, qos, True)
 
 
-class MQTTFrontend:
+class MQTTFrontend(TCPListener):
     """One MQTT-over-TCP listener (plain, TLS or mTLS)."""
 
     protocol = Protocol.MQTT
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
-        self.ctx = ctx
-        self.listener = listener
+        super().__init__(ctx, listener)
         self.registry: SessionRegistry = ctx.state.shared("mqtt.sessions", lambda: SessionRegistry(ctx.router))
-        self._server: asyncio.Server | None = None
-        self._ssl: ssl.SSLContext | None = server_ssl_context(listener) if listener.tls else None
 
-    def _factory(self) -> Callable[[], MQTTConnection]:
+    def connection_factory(self) -> Callable[[], MQTTConnection]:
         ctx, listener, registry = self.ctx, self.listener, self.registry
         return lambda: MQTTConnection(ctx, listener, registry)
-
-    async def start(self) -> None:
-        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._factory(),
-            host=self.listener.host or None,
-            port=self.listener.port,
-            backlog=4096,
-            ssl=self._ssl,
-            reuse_address=True,
-        )
-
-    @property
-    def bound(self) -> tuple[str, int]:
-        assert self._server is not None and self._server.sockets
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
-
-    async def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None

@@ -14,7 +14,7 @@ import json
 import queue
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol as TypingProtocol
 from urllib.parse import quote, urlencode
