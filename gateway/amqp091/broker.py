@@ -26,7 +26,7 @@ import re
 import secrets
 from collections import Counter, deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol as TypingProtocol
+from typing import TYPE_CHECKING
 
 from gateway.amqp091.framing import (
     ACCESS_REFUSED,
@@ -40,6 +40,7 @@ from gateway.amqp091.framing import (
     short_str_fits,
 )
 from gateway.amqp091.routing import topic_to_routing_key
+from gateway.backpressure import HeldPublishers, Publisher
 from gateway.events import Identity, Protocol
 from gateway.metrics import Metrics
 from gateway.router import Message, Router
@@ -99,21 +100,13 @@ def envelope(message: Message) -> tuple[bytes, bytes]:
     return exchange_key, PROPERTIES_PERSISTENT if message.qos else PROPERTIES_NONE
 
 
-class Publisher(TypingProtocol):
-    """The connection publishing right now, which a congested queue may hold back."""
-
-    def throttle(self, queue: Queue) -> None: ...
-
-    def unthrottle(self, queue: Queue) -> None: ...
-
-
 class Queue:
     """One queue: ready messages, consumers (round robin) and its amq.topic bindings."""
 
     __slots__ = (
         "name", "owner", "owner_connection", "durable", "exclusive", "auto_delete", "ready", "consumers",
         "bindings", "had_consumer", "deleted", "_broker", "_next", "_max", "_high_water", "_low_water",
-        "_throttled", "_dropped",
+        "_held", "_dropped",
     )
 
     def __init__(self, broker: Broker, name: str, *, owner: str, owner_connection: object | None,
@@ -136,7 +129,7 @@ class Queue:
         self._max = max_queued
         self._high_water = max(1, max_queued // 2)
         self._low_water = max_queued // 4
-        self._throttled: set[Publisher] | None = None
+        self._held = HeldPublishers(self)
         self._dropped = 0
 
     def __repr__(self) -> str:
@@ -231,7 +224,7 @@ class Queue:
                         misses = 0
                     else:
                         misses += 1
-        if self._throttled is not None and len(ready) <= self._low_water:
+        if self._held and len(ready) <= self._low_water:
             self._release_publishers()
 
     def pop(self) -> tuple[Message, bool] | None:
@@ -240,7 +233,7 @@ class Queue:
             return None
         entry = self.ready.popleft()
         self._broker.queued_bytes -= len(entry[0].payload)
-        if self._throttled is not None and len(self.ready) <= self._low_water:
+        if self._held and len(self.ready) <= self._low_water:
             self._release_publishers()
         return entry
 
@@ -276,25 +269,13 @@ class Queue:
         for consumer in self.consumers:
             if consumer.channel.output is publisher:
                 return
-        throttled = self._throttled
-        if throttled is None:
-            throttled = self._throttled = set()
-        if publisher not in throttled:
-            throttled.add(publisher)
-            publisher.throttle(self)
+        self._held.hold(publisher)
 
     def forget_publisher(self, publisher: Publisher) -> None:
-        """The publisher stopped waiting for this queue (it gave up or went away)."""
-        if self._throttled is not None:
-            self._throttled.discard(publisher)
+        self._held.forget(publisher)
 
     def _release_publishers(self) -> None:
-        throttled = self._throttled
-        if throttled is None:
-            return
-        self._throttled = None
-        for publisher in throttled:
-            publisher.unthrottle(self)
+        self._held.release_all()
 
 
 class Broker:

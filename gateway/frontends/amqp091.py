@@ -43,6 +43,7 @@ from typing import Any
 from pamqp import commands
 
 from gateway import __version__
+from gateway.backpressure import Blocker, PublisherHold
 from gateway.amqp091.broker import (
     DEFAULT_EXCHANGE,
     TOPIC_EXCHANGE,
@@ -105,9 +106,6 @@ HEARTBEAT_INTERVAL = 60
 CHANNEL_MAX = 2047
 #: Events waiting behind an awaited decision before reading pauses (backpressure).
 MAX_BACKLOG = 1000
-#: The longest a publisher is held for a congested queue; after that it flows
-#: again and what the queue cannot take is dropped and counted.
-MAX_THROTTLE = 10.0
 UNAVAILABLE_TEXT = "auth service unavailable, try again later"
 
 _HEADER, _START, _TUNE, _OPEN_WAIT, _OPEN, _CLOSING = range(6)
@@ -183,8 +181,8 @@ class AMQP091Connection(asyncio.Protocol):
         self._bucket = ctx.ratelimits.new_message_bucket()
         self._metrics_in = ctx.metrics.messages_in
         #: Congested queues this connection's publishes are held for (backpressure).
-        self._blockers: set[Queue] | None = None
-        self._unblocked: asyncio.Event | None = None
+        #: Congested queues this connection's publishes are held for (backpressure).
+        self._hold = PublisherHold()
         self._connection_methods: dict[type, Callable[[Any], AsyncStep | None]] = {
             commands.Connection.StartOk: self._on_start_ok,
             commands.Connection.TuneOk: self._on_tune_ok,
@@ -362,11 +360,7 @@ class AMQP091Connection(asyncio.Protocol):
         self.channels.clear()
         self.broker.connection_closed(self, self._exclusive)
         self._exclusive.clear()
-        for queue in list(self._blockers or ()):
-            queue.forget_publisher(self)
-        self._blockers = None
-        if self._unblocked is not None:
-            self._unblocked.set()
+        self._hold.release(self)
 
     def _framing_error(self, exc: FramingError) -> None:
         log.info("closing AMQP connection from %s: %s", self.peer, exc.detail,
@@ -449,7 +443,7 @@ class AMQP091Connection(asyncio.Protocol):
     # -- event processing ---------------------------------------------------------------------------
 
     def _dispatch(self, events: list[object]) -> None:
-        if self._backlog is None and not self._blockers:
+        if self._backlog is None and not self._hold:
             self._reading = True
             try:
                 self._process(events)
@@ -470,7 +464,7 @@ class AMQP091Connection(asyncio.Protocol):
             step: AsyncStep | None = None
             try:
                 if kind is Publish:
-                    if self._blockers or (bucket is not None and bucket.take() > 0):
+                    if self._hold or (bucket is not None and bucket.take() > 0):
                         # Held for a congested queue or rate limited: the rest waits, in order.
                         self._enqueue(events[index:])
                         return
@@ -541,8 +535,8 @@ class AMQP091Connection(asyncio.Protocol):
                 step = None
                 try:
                     if kind is Publish:
-                        if self._blockers:
-                            await self._wait_unblocked()
+                        if self._hold:
+                            await self._hold.wait(self, repr(self.client_id))
                         await self._throttle()
                         if self._closed:
                             break
@@ -601,32 +595,12 @@ class AMQP091Connection(asyncio.Protocol):
 
     # -- backpressure from congested queues (broker.Publisher) -------------------------------------
 
-    def throttle(self, queue: Queue) -> None:
-        if self._closed:
-            return
-        if self._blockers is None:
-            self._blockers = set()
-            self._unblocked = asyncio.Event()
-        self._blockers.add(queue)
-        self._unblocked.clear()  # type: ignore[union-attr]
+    def throttle(self, blocker: Blocker) -> None:
+        if not self._closed:
+            self._hold.add(blocker)
 
-    def unthrottle(self, queue: Queue) -> None:
-        blockers = self._blockers
-        if blockers:
-            blockers.discard(queue)
-            if not blockers:
-                self._unblocked.set()  # type: ignore[union-attr]
-
-    async def _wait_unblocked(self) -> None:
-        assert self._unblocked is not None
-        try:
-            async with asyncio.timeout(MAX_THROTTLE):
-                await self._unblocked.wait()
-        except TimeoutError:
-            log.warning("AMQP publisher %r held for %gs by congested queues; releasing it", self.client_id, MAX_THROTTLE)
-            for queue in list(self._blockers or ()):
-                queue.forget_publisher(self)
-            self._blockers = None
+    def unthrottle(self, blocker: Blocker) -> None:
+        self._hold.remove(blocker)
 
     # -- routing events to handlers -------------------------------------------------------------------
 

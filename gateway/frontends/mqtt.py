@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
+from gateway.backpressure import Blocker, PublisherHold
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
@@ -64,9 +65,6 @@ log = logging.getLogger("polygate.mqtt")
 CONNECT_TIMEOUT = 10.0
 #: Packets waiting behind an awaited decision before reading pauses (backpressure).
 MAX_BACKLOG = 1000
-#: The longest a publisher is held for a congested subscriber; after that its
-#: messages flow again and what the subscriber cannot take is dropped and counted.
-MAX_THROTTLE = 10.0
 
 _CONNACK_FOR_OUTCOME = {Outcome.UNAVAILABLE: CONNACK_SERVER_UNAVAILABLE}
 
@@ -89,7 +87,7 @@ class MQTTConnection(asyncio.Protocol):
         "session", "auth", "connect", "will", "_out", "_flush_scheduled", "_reading", "_paused",
         "_backlog", "_worker", "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
         "_bucket", "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
-        "_registered", "_taken_over", "_prepaid", "_pause_reasons", "_blockers", "_unblocked",
+        "_registered", "_taken_over", "_prepaid", "_pause_reasons", "_hold",
     )
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig, registry: SessionRegistry) -> None:
@@ -130,8 +128,7 @@ class MQTTConnection(asyncio.Protocol):
         #: Why reading is paused ("backlog", "ratelimit"); reading resumes when empty.
         self._pause_reasons: set[str] = set()
         #: Congested sessions this connection's publishes are held for (backpressure).
-        self._blockers: set[Session] | None = None
-        self._unblocked: asyncio.Event | None = None
+        self._hold = PublisherHold()
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -163,6 +160,7 @@ class MQTTConnection(asyncio.Protocol):
             self._keepalive_handle = None
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
+        self._hold.release(self)
         if not self._registered:
             return
         self._registered = False
@@ -207,7 +205,7 @@ class MQTTConnection(asyncio.Protocol):
             self._dispatch(packets)
 
     def _dispatch(self, packets: list[object]) -> None:
-        if self._backlog is None and not self._blockers:
+        if self._backlog is None and not self._hold:
             self._reading = True
             try:
                 self._process(packets)
@@ -250,31 +248,11 @@ class MQTTConnection(asyncio.Protocol):
 
     # -- backpressure from congested subscribers ------------------------------------------------
 
-    def throttle(self, session: Session) -> None:
-        if self._blockers is None:
-            self._blockers = set()
-            self._unblocked = asyncio.Event()
-        self._blockers.add(session)
-        self._unblocked.clear()  # type: ignore[union-attr]
+    def throttle(self, blocker: Blocker) -> None:
+        self._hold.add(blocker)
 
-    def unthrottle(self, session: Session) -> None:
-        blockers = self._blockers
-        if blockers:
-            blockers.discard(session)
-            if not blockers:
-                self._unblocked.set()  # type: ignore[union-attr]
-
-    async def _wait_unblocked(self) -> None:
-        assert self._unblocked is not None
-        try:
-            async with asyncio.timeout(MAX_THROTTLE):
-                await self._unblocked.wait()
-        except TimeoutError:
-            log.warning("publisher %r held for %gs by congested subscribers; releasing it",
-                        self.session.client_id if self.session else self.peer, MAX_THROTTLE)
-            for session in list(self._blockers or ()):
-                session.forget_publisher(self)
-            self._blockers = None
+    def unthrottle(self, blocker: Blocker) -> None:
+        self._hold.remove(blocker)
 
     # -- output --------------------------------------------------------------------------------
 
@@ -346,7 +324,7 @@ class MQTTConnection(asyncio.Protocol):
                 bucket = self._bucket
                 if bucket is None or bucket.take() <= 0:
                     if self._publish_now(packet):
-                        if self._blockers:
+                        if self._hold:
                             # A subscriber is congested: the rest waits, in order.
                             self._enqueue(packets[index + 1:])
                             return
@@ -413,8 +391,8 @@ class MQTTConnection(asyncio.Protocol):
                 elif self.session is None:
                     self._protocol_error(f"expected CONNECT, got {kind.__name__}")
                 elif kind is Publish:
-                    if self._blockers:
-                        await self._wait_unblocked()
+                    if self._hold:
+                        await self._hold.wait(self, repr(self.session.client_id if self.session else self.peer))
                     if packet is not self._prepaid:
                         await self._throttle()
                     self._prepaid = None

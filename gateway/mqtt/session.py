@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Protocol as TypingProtocol
 
+from gateway.backpressure import Blocker, HeldPublishers, Publisher
 from gateway.events import Protocol
 from gateway.metrics import Metrics
 from gateway.router import Message, Router
@@ -33,10 +34,10 @@ class SessionOutput(TypingProtocol):
 
     def can_send(self) -> bool: ...
 
-    def throttle(self, session: Session) -> None:
+    def throttle(self, blocker: Blocker) -> None:
         """Hold this connection's further PUBLISHes until `unthrottle` (backpressure)."""
 
-    def unthrottle(self, session: Session) -> None: ...
+    def unthrottle(self, blocker: Blocker) -> None: ...
 
     def send_publish(
         self, message: Message, qos: int, retain: bool, dup: bool, packet_id: int | None
@@ -72,7 +73,7 @@ class Session:
         "_metrics",
         "_dropped_logged",
         "_flow",
-        "_throttled",
+        "_held",
         "_high_water",
         "_low_water",
         "__weakref__",
@@ -104,7 +105,7 @@ class Session:
         self._dropped_logged = 0
         self._flow = flow
         #: Publishers held back because this session's queue is long (backpressure).
-        self._throttled: set[SessionOutput] | None = None
+        self._held = HeldPublishers(self)
         self._high_water = max(1, max_queued // 2)
         self._low_water = max_queued // 4
 
@@ -137,27 +138,11 @@ class Session:
         publishers), and never to its own connection, whose acks drain the queue.
         """
         publisher = self._flow.current_publisher  # type: ignore[union-attr]
-        if publisher is None or publisher is output:
-            return
-        throttled = self._throttled
-        if throttled is None:
-            throttled = self._throttled = set()
-        if publisher not in throttled:
-            throttled.add(publisher)
-            publisher.throttle(self)
+        if publisher is not None and publisher is not output:
+            self._held.hold(publisher)
 
-    def forget_publisher(self, publisher: SessionOutput) -> None:
-        """The publisher stopped waiting for this session (it gave up or went away)."""
-        if self._throttled is not None:
-            self._throttled.discard(publisher)
-
-    def _release_publishers(self) -> None:
-        throttled = self._throttled
-        if throttled is None:
-            return
-        self._throttled = None
-        for publisher in throttled:
-            publisher.unthrottle(self)
+    def forget_publisher(self, publisher: Publisher) -> None:
+        self._held.forget(publisher)
 
     def _drop(self, reason: str) -> None:
         self._metrics.dropped(Protocol.MQTT, reason)
@@ -205,8 +190,8 @@ class Session:
                 self._send_new(output, message, qos, retain)
             else:
                 break
-        if self._throttled is not None and len(queue) <= self._low_water:
-            self._release_publishers()
+        if self._held and len(queue) <= self._low_water:
+            self._held.release_all()
 
     # -- acknowledgements from the client ---------------------------------------------------
 
@@ -251,7 +236,7 @@ class Session:
     def detach(self, output: SessionOutput) -> None:
         if self.output is output:
             self.output = None
-            self._release_publishers()
+            self._held.release_all()
 
 
 class FlowControl(TypingProtocol):
@@ -280,4 +265,4 @@ class SessionRegistry:
             log.info("discarded session %r with %d undelivered messages", session.client_id, lost)
         session.queue.clear()
         session.inflight.clear()
-        session._release_publishers()
+        session._held.release_all()
