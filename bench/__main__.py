@@ -1,10 +1,12 @@
 """Entry point: `python -m bench <benchmark> [options]`."""
 
+import importlib
 import sys
 
-from bench import mqtt_bench
-
-BENCHMARKS = {"mqtt": mqtt_bench.main}
+# Imported only when chosen: load processes are spawned, and each one imports
+# this module again, so it must stay light.
+BENCHMARKS = {"mqtt": "bench.mqtt_bench", "auth": "bench.auth_bench", "latency": "bench.latency_bench",
+              "amqp": "bench.amqp_bench"}
 
 
 def main(argv: list[str]) -> int:
@@ -13,7 +15,9 @@ def main(argv: list[str]) -> int:
         print(f"usage: python -m bench {{{names}}} [options]  (--help after the name for its options)",
               file=sys.stderr)
         return 2
-    return BENCHMARKS[argv[0]](argv[1:])
+    benchmark = importlib.import_module(BENCHMARKS[argv[0]])
+    exit_code: int = benchmark.main(argv[1:])
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -11,10 +11,14 @@ device, or `batch` packets gathered per write), because paho's per-packet
 Python overhead caps it at a few thousand messages/s, below the brokers.
 Both use the same topic and payload layout: the first payload byte says
 whether a message belongs to the warm-up or the measurement.
+
+`storm_main` drives many raw connections from one process: every CONNECT is
+sent before any CONNACK is read, so the broker sees them all at once.
 """
 
 from __future__ import annotations
 
+import selectors
 import socket
 import struct
 import time
@@ -35,11 +39,15 @@ PUBLISHER_SLOTS = 8
 # Subscriber counters.
 S_READY, S_WARM, S_COUNT, S_FIRST, S_LAST = range(5)
 SUBSCRIBER_SLOTS = 5
+# Connection-storm counters (one process drives every connection of the storm).
+C_READY, C_CONNECTED, C_CONNECT_S, C_SENT, C_ACKED, C_DONE = range(6)
+STORM_SLOTS = 6
 
 PACE_POLL_S = 0.0005   # QoS 0 pacing: how often a publisher that is ahead looks again
 KEEPALIVE_S = 600      # longer than any run: an idle subscriber must not be dropped
 CONNECT_TIMEOUT_S = 10.0
 ACK_DRAIN_S = 10.0     # how long a publisher waits for its last PUBACKs
+STORM_CONNECT_S = 60.0  # every CONNACK of a storm; the auth service may be checking many passwords
 
 
 # A multiprocessing.RawArray of doubles, shared with the parent.
@@ -345,6 +353,110 @@ def _raw_publisher(config: LoadConfig, counters: Counters, sub_counters: Counter
         client.close()
 
 
+# ---- a connection storm: many raw connections from one process ----
+
+class _StormConnection:
+    """One connection of a storm: its own client id, credentials and topic, QoS 1."""
+
+    __slots__ = ("config", "sock", "reader", "encoder", "connacked", "sent", "acked", "packet_id")
+
+    def __init__(self, config: LoadConfig, sock: socket.socket) -> None:
+        self.config = config
+        self.sock = sock
+        self.reader = PacketReader()
+        self.encoder = PublishEncoder(config.topic, config.payload(MEASURE), 1)
+        self.connacked = False
+        self.sent = self.acked = self.packet_id = 0
+
+    def read(self) -> list[tuple[int, bytes]]:
+        data = self.sock.recv(262144)
+        if not data:
+            raise LoadError(f"{self.config.client_id}: the broker closed the connection")
+        return self.reader.feed(data)
+
+    def fill_window(self, deadline: float) -> int:
+        """Send what the QoS 1 window allows, `batch` packets per write; returns how many."""
+        config = self.config
+        room = min(config.inflight - (self.sent - self.acked), config.messages - self.sent)
+        if room <= 0 or time.monotonic() > deadline:
+            return 0
+        for start in range(0, room, config.batch):
+            chunk = []
+            for _ in range(min(config.batch, room - start)):
+                self.packet_id = self.packet_id % 65535 + 1
+                chunk.append(self.encoder.encode(self.packet_id))
+            self.sock.sendall(b"".join(chunk))
+        self.sent += room
+        return room
+
+
+def _storm_select(selector: selectors.BaseSelector, deadline: float, what: str) -> list[_StormConnection]:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise LoadError(f"storm: timed out while {what}")
+    return [key.data for key, _ in selector.select(min(remaining, 0.5))]
+
+
+def _storm(configs: list[LoadConfig], counters: Counters, go: _Event, stop: _Event) -> None:
+    """Connect every client at once (all CONNECTs before any CONNACK is read), then publish.
+
+    Each client publishes `messages` QoS 1 messages to its own topic with its
+    own window; the storm ends when every message was acknowledged.
+    """
+    counters[C_READY] = 1
+    _wait(go, stop)
+    if stop.is_set():
+        return
+    started = time.monotonic()
+    selector = selectors.DefaultSelector()
+    connections: list[_StormConnection] = []
+    try:
+        for config in configs:
+            sock = socket.create_connection((config.host, config.port), timeout=CONNECT_TIMEOUT_S)
+            connection = _StormConnection(config, sock)
+            connections.append(connection)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(connect_packet(config.client_id, config.username, config.password))
+            selector.register(sock, selectors.EVENT_READ, connection)
+        waiting = len(connections)
+        deadline = started + STORM_CONNECT_S
+        while waiting:
+            for connection in _storm_select(selector, deadline, f"waiting for {waiting} CONNACK(s)"):
+                for header, body in connection.read():
+                    if header & 0xF0 != 0x20 or connection.connacked:
+                        continue
+                    if body[1] != 0:
+                        raise LoadError(f"{connection.config.client_id}: CONNACK return code {body[1]} (refused)")
+                    connection.connacked = True
+                    waiting -= 1
+        counters[C_CONNECT_S] = time.monotonic() - started
+        counters[C_CONNECTED] = len(connections)
+
+        send_deadline = time.monotonic() + max(c.seconds for c in configs)
+        sent = sum(connection.fill_window(send_deadline) for connection in connections)
+        counters[C_SENT] = sent
+        acked = 0
+        ack_deadline = send_deadline + ACK_DRAIN_S
+        while acked < sent or (time.monotonic() < send_deadline and sent < sum(c.messages for c in configs)):
+            for connection in _storm_select(selector, ack_deadline, f"waiting for {sent - acked} PUBACK(s)"):
+                acks = sum(1 for header, _ in connection.read() if header & 0xF0 == 0x40)
+                connection.acked += acks
+                acked += acks
+                sent += connection.fill_window(send_deadline)
+            counters[C_SENT] = sent
+            counters[C_ACKED] = acked
+        counters[C_DONE] = 1
+        stop.wait()
+    finally:
+        selector.close()
+        for connection in connections:
+            try:
+                connection.sock.sendall(b"\xe0\x00")
+            except OSError:
+                pass
+            connection.sock.close()
+
+
 # ---- paho ----
 
 def _paho_client(config: LoadConfig) -> Any:
@@ -510,3 +622,13 @@ def subscriber_main(config: LoadConfig, counters: Counters, stop: _Event, errors
         pass  # Ctrl-C reaches the whole process group; the parent reports it once
     except Exception as exc:  # reported to the parent, which decides what to do
         errors.put(f"subscriber {config.client_id}: {exc!r}\n{traceback.format_exc(limit=3)}")
+
+
+def storm_main(configs: list[LoadConfig], counters: Counters, go: _Event, stop: _Event, errors: Any) -> None:
+    """Connect every client of `configs` at once on `go`, then let each publish its messages."""
+    try:
+        _storm(configs, counters, go, stop)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches the whole process group; the parent reports it once
+    except Exception as exc:  # reported to the parent, which decides what to do
+        errors.put(f"storm: {exc!r}\n{traceback.format_exc(limit=3)}")

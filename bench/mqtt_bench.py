@@ -156,7 +156,7 @@ def machine_info() -> dict[str, Any]:
 # ---- one measured run ----
 
 @contextmanager
-def _workers(ctx: Any, targets: list[tuple[Callable[..., None], tuple[Any, ...]]],
+def worker_processes(ctx: Any, targets: list[tuple[Callable[..., None], tuple[Any, ...]]],
              stop: Any) -> Iterator[list[Any]]:
     processes = [ctx.Process(target=target, args=args, daemon=True) for target, args in targets]
     try:
@@ -173,7 +173,7 @@ def _workers(ctx: Any, targets: list[tuple[Callable[..., None], tuple[Any, ...]]
                 process.join(timeout=3)
 
 
-def _raise_worker_errors(errors: Any, processes: list[Any]) -> None:
+def raise_worker_errors(errors: Any, processes: list[Any]) -> None:
     try:
         message = errors.get_nowait()
     except queue.Empty:
@@ -184,11 +184,11 @@ def _raise_worker_errors(errors: Any, processes: list[Any]) -> None:
     raise RunFailed(message.strip())
 
 
-def _poll_until(condition: Callable[[], bool], deadline_s: float, what: str, errors: Any,
+def poll_until(condition: Callable[[], bool], deadline_s: float, what: str, errors: Any,
                 processes: list[Any], broker: peers.RunningBroker) -> None:
     deadline = time.monotonic() + deadline_s
     while not condition():
-        _raise_worker_errors(errors, processes)
+        raise_worker_errors(errors, processes)
         if broker.process.poll() is not None:
             raise RunFailed(f"{broker.name} exited (code {broker.process.returncode}) while {what}; "
                             f"its output ends with:\n{broker.log_tail()}")
@@ -197,13 +197,13 @@ def _poll_until(condition: Callable[[], bool], deadline_s: float, what: str, err
         time.sleep(POLL_S)
 
 
-def _wait_settled(count: Callable[[], float], expected: float, deadline_s: float, errors: Any,
+def wait_settled(count: Callable[[], float], expected: float, deadline_s: float, errors: Any,
                   processes: list[Any]) -> None:
     """Return once `expected` arrived, or nothing new arrived for SETTLE_S (the rest is lost)."""
     deadline = time.monotonic() + deadline_s
     last_value, last_change = count(), time.monotonic()
     while count() < expected:
-        _raise_worker_errors(errors, processes)
+        raise_worker_errors(errors, processes)
         now = time.monotonic()
         value = count()
         if value != last_value:
@@ -213,7 +213,7 @@ def _wait_settled(count: Callable[[], float], expected: float, deadline_s: float
         time.sleep(POLL_S)
 
 
-def _cpu_of(processes: list[Any]) -> list[float]:
+def cpu_of(processes: list[Any]) -> list[float]:
     return [peers.process_tree_cpu_seconds(p.pid) for p in processes]
 
 
@@ -246,31 +246,31 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Mea
     pub_targets = [(load.publisher_main, (config, counters, sub_counters, go_warm, go_measure, stop, errors))
                    for config, counters in zip(pub_configs, pub_counters)]
     # All start at once (each spawn costs a Python start-up); publishers send nothing before go_warm.
-    with _workers(ctx, [sub_target, *pub_targets], stop) as everyone:
+    with worker_processes(ctx, [sub_target, *pub_targets], stop) as everyone:
         subs, pubs = everyone[:1], everyone[1:]
-        _poll_until(lambda: sub_counters[load.S_READY] == 1
+        poll_until(lambda: sub_counters[load.S_READY] == 1
                     and all(c[load.P_CONNECTED] == 1 for c in pub_counters), READY_DEADLINE_S,
                     "waiting for the subscriber and publishers to connect", errors, everyone, broker)
         go_warm.set()
-        _poll_until(lambda: all(c[load.P_WARM_DONE] == 1 for c in pub_counters),
+        poll_until(lambda: all(c[load.P_WARM_DONE] == 1 for c in pub_counters),
                     options.warmup_seconds + WARM_DRAIN_DEADLINE_S, "warming up", errors, everyone, broker)
         warm_sent = sum(c[load.P_WARM_SENT] for c in pub_counters)
-        _wait_settled(lambda: sub_counters[load.S_WARM], warm_sent, WARM_DRAIN_DEADLINE_S, errors, everyone)
+        wait_settled(lambda: sub_counters[load.S_WARM], warm_sent, WARM_DRAIN_DEADLINE_S, errors, everyone)
 
         broker_cpu_before = broker.cpu_seconds()
-        pub_cpu_before, sub_cpu_before = _cpu_of(pubs), _cpu_of(subs)
+        pub_cpu_before, sub_cpu_before = cpu_of(pubs), cpu_of(subs)
         t_before = time.monotonic()
         go_measure.set()
-        _poll_until(lambda: all(c[load.P_DONE] == 1 for c in pub_counters),
+        poll_until(lambda: all(c[load.P_DONE] == 1 for c in pub_counters),
                     options.seconds + load.ACK_DRAIN_S + 10, "publishing", errors, everyone, broker)
         sent = int(sum(c[load.P_SENT] for c in pub_counters))
-        _wait_settled(lambda: sub_counters[load.S_COUNT], sent, options.seconds + 30, errors, everyone)
+        wait_settled(lambda: sub_counters[load.S_COUNT], sent, options.seconds + 30, errors, everyone)
         t_after = time.monotonic()
         broker_cpu_after = broker.cpu_seconds()
-        pub_cpu_after, sub_cpu_after = _cpu_of(pubs), _cpu_of(subs)
+        pub_cpu_after, sub_cpu_after = cpu_of(pubs), cpu_of(subs)
         received = int(sub_counters[load.S_COUNT])
         first, last = sub_counters[load.S_FIRST], sub_counters[load.S_LAST]
-        _raise_worker_errors(errors, [])
+        raise_worker_errors(errors, [])
 
     if received == 0:
         raise RunFailed(f"no measured message reached the subscriber ({sent} sent); "
@@ -485,7 +485,7 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | N
     return options, args.json, args.keep
 
 
-def _terminate_on_sigterm() -> None:
+def terminate_on_sigterm() -> None:
     # Turn SIGTERM into an exception so every `finally` stops what it started.
     def handler(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
@@ -495,7 +495,7 @@ def _terminate_on_sigterm() -> None:
 
 def main(argv: Sequence[str]) -> int:
     options, json_path, keep_dir = parse_args(argv)
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     try:
         report = run(options, log=lambda line: print(line, file=sys.stderr, flush=True), keep_dir=keep_dir)
     except KeyboardInterrupt:

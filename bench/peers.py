@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class RunningBroker:
     credentials: Credentials | None
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: Polygate's health listener (`/metrics`), when it was started with one.
+    health_port: int | None = None
 
     @property
     def pid(self) -> int:
@@ -150,7 +153,7 @@ def wait_for_listener(process: subprocess.Popen[bytes], port: int, log_path: Pat
         time.sleep(0.02)
 
 
-def _launch(argv: list[str], *, name: str, port: int, workdir: Path,
+def launch(argv: list[str], *, name: str, port: int, workdir: Path,
             env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
@@ -170,7 +173,7 @@ def _launch(argv: list[str], *, name: str, port: int, workdir: Path,
 _apt_updated = False
 
 
-def _run_setup_command(argv: list[str]) -> None:
+def run_setup_command(argv: list[str]) -> None:
     print(f"setup: {' '.join(argv)}", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
@@ -194,9 +197,9 @@ def ensure_mosquitto(*, setup: bool) -> str:
         raise BrokerUnavailable(
             "mosquitto is not installed; run with --setup (apt-get install mosquitto mosquitto-clients)")
     if not _apt_updated:
-        _run_setup_command(["apt-get", "update"])
+        run_setup_command(["apt-get", "update"])
         _apt_updated = True
-    _run_setup_command(["apt-get", "install", "-y", "mosquitto", "mosquitto-clients"])
+    run_setup_command(["apt-get", "install", "-y", "mosquitto", "mosquitto-clients"])
     path = mosquitto_path()
     if not path:
         raise BrokerUnavailable("apt-get installed mosquitto but no `mosquitto` binary was found")
@@ -208,7 +211,7 @@ def ensure_amqtt(*, setup: bool) -> None:
         return
     if not setup:
         raise BrokerUnavailable("amqtt is not installed in this Python; run with --setup (pip install amqtt==0.12.1)")
-    _run_setup_command([sys.executable, "-m", "pip", "install", "amqtt==0.12.1"])
+    run_setup_command([sys.executable, "-m", "pip", "install", "amqtt==0.12.1"])
     importlib.invalidate_caches()
     if importlib.util.find_spec("amqtt") is None:
         raise BrokerUnavailable("pip installed amqtt but it is still not importable")
@@ -252,7 +255,7 @@ def start_mosquitto(workdir: Path, *, setup: bool) -> RunningBroker:
         "persistence false\n"
         "log_dest stderr\n"
         "log_type error\nlog_type warning\n")
-    process, log_path = _launch([path, "-c", str(conf)], name=MOSQUITTO, port=port, workdir=workdir)
+    process, log_path = launch([path, "-c", str(conf)], name=MOSQUITTO, port=port, workdir=workdir)
     return RunningBroker(name=MOSQUITTO, port=port, version=mosquitto_version(path), credentials=None,
                          process=process, log_path=log_path)
 
@@ -273,12 +276,12 @@ def start_amqtt(workdir: Path, *, setup: bool) -> RunningBroker:
         "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
         "    allow_anonymous: true\n")
     argv = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
-    process, log_path = _launch(argv, name=AMQTT, port=port, workdir=workdir)
+    process, log_path = launch(argv, name=AMQTT, port=port, workdir=workdir)
     return RunningBroker(name=AMQTT, port=port, version=package_version("amqtt"), credentials=None,
                          process=process, log_path=log_path)
 
 
-def _gateway_env(extra: dict[str, str]) -> dict[str, str]:
+def gateway_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     # The working tree under test, whatever is installed in the venv.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -297,36 +300,83 @@ def _gateway_cli(args: list[str], *, env: dict[str, str], workdir: Path, stdin: 
 
 
 def start_polygate(name: str, workdir: Path) -> RunningBroker:
-    if importlib.util.find_spec("gateway.cli") is None:
-        raise BrokerUnavailable("gateway.cli is not importable yet (the Polygate CLI is missing)")
-    port = free_port()
     db = workdir / "auth.db"
     password = secrets.token_urlsafe(18)
     credentials: Credentials | None = Credentials(username=BENCH_USERNAME, password=password)
     if name == POLYGATE_NONE:
         auth_yaml = "auth: {provider: none}\n"
-        env = _gateway_env({})
+        env = gateway_env({})
         credentials = None
     else:
         auth_yaml = f"auth: {{provider: local, local: {{db: \"{db}\"}}}}\n"
         if name == POLYGATE_LOCAL:
             # The root superuser: it bypasses ACLs.
-            env = _gateway_env({"POLYGATE_ROOT_USERNAME": BENCH_USERNAME, "POLYGATE_ROOT_PASSWORD": password})
+            env = gateway_env({"POLYGATE_ROOT_USERNAME": BENCH_USERNAME, "POLYGATE_ROOT_PASSWORD": password})
         else:
             # An ordinary user whose every operation goes through its ACL.
-            env = _gateway_env({"POLYGATE_ROOT_USERNAME": "benchroot",
+            env = gateway_env({"POLYGATE_ROOT_USERNAME": "benchroot",
                                 "POLYGATE_ROOT_PASSWORD": secrets.token_urlsafe(18)})
+            _require_gateway_cli()
             _gateway_cli(["users", "add", BENCH_USERNAME, "--password-stdin", "--db", str(db)],
                          env=env, workdir=workdir, stdin=password + "\n")
             _gateway_cli(["acl", "grant", BENCH_USERNAME, ACL_PATTERN, "--ops", "publish,subscribe",
                           "--db", str(db)], env=env, workdir=workdir)
+    return start_gateway(name, workdir, auth_yaml=auth_yaml, credentials=credentials, env=env)
+
+
+def _require_gateway_cli() -> None:
+    if importlib.util.find_spec("gateway.cli") is None:
+        raise BrokerUnavailable("gateway.cli is not importable yet (the Polygate CLI is missing)")
+
+
+def start_gateway(name: str, workdir: Path, *, auth_yaml: str, credentials: Credentials | None,
+                  env: dict[str, str] | None = None, health: bool = False) -> RunningBroker:
+    """`python -m gateway run` with MQTT on a free loopback port and the given `auth:` YAML block.
+
+    `health` also opens the health listener (`/metrics`) on another free port.
+    """
+    _require_gateway_cli()
+    port = free_port()
+    health_port = free_port() if health else None
+    health_addr = f"127.0.0.1:{health_port}" if health_port else ""
     conf = workdir / "polygate.yaml"
     conf.write_text(
-        f"server: {{tcp: {{plain: {{addr: \"127.0.0.1:{port}\"}}}}, health_addr: \"\"}}\n" + auth_yaml)
+        f"server: {{tcp: {{plain: {{addr: \"127.0.0.1:{port}\"}}}}, health_addr: \"{health_addr}\"}}\n" + auth_yaml)
     argv = [sys.executable, "-m", "gateway", "run", "--config", str(conf)]
-    process, log_path = _launch(argv, name=name, port=port, workdir=workdir, env=env)
+    process, log_path = launch(argv, name=name, port=port, workdir=workdir,
+                                env=env if env is not None else gateway_env({}))
+    if health_port is not None:
+        try:
+            wait_for_listener(process, health_port, log_path, name=f"{name} (health listener)")
+        except BaseException:
+            stop_process_group(process)
+            raise
     return RunningBroker(name=name, port=port, version=polygate_version(), credentials=credentials,
+                         process=process, log_path=log_path, health_port=health_port)
+
+
+def start_auth_service(name: str, workdir: Path, *, users_file: Path, transport: str) -> RunningBroker:
+    """The reference external auth service (`python -m gateway auth-server`) on a free loopback port.
+
+    A process of its own, so that its CPU time is never counted as the gateway's.
+    """
+    _require_gateway_cli()
+    port = free_port()
+    argv = [sys.executable, "-m", "gateway", "auth-server", "--users", str(users_file),
+            "--listen", f"127.0.0.1:{port}", "--transport", transport, "--log-level", "warning"]
+    process, log_path = launch(argv, name=name, port=port, workdir=workdir, env=gateway_env({}))
+    return RunningBroker(name=name, port=port, version=polygate_version(), credentials=None,
                          process=process, log_path=log_path)
+
+
+def fetch_metrics(health_port: int, *, timeout_s: float = 5.0) -> str:
+    """The Prometheus text of a gateway's `/metrics`."""
+    url = f"http://127.0.0.1:{health_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.read().decode()
+    except OSError as exc:
+        raise BrokerUnavailable(f"cannot read {url}: {exc}") from exc
 
 
 def start_broker(name: str, workdir: Path, *, setup: bool = False) -> RunningBroker:

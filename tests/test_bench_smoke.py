@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from bench import load, mqtt_bench, peers
+from bench import auth_bench, load, mqtt_bench, peers
 
 
 def _available_brokers() -> tuple[str, ...]:
@@ -115,3 +115,93 @@ def test_options_reject_what_the_run_cannot_honour():
         mqtt_bench.BenchOptions(qos_levels=(2,))
     with pytest.raises(ValueError, match="--size"):
         mqtt_bench.BenchOptions(size=0)
+
+
+# ---- python -m bench auth ----
+
+def test_auth_short_run_counts_callouts_and_stops_everything(tmp_path):
+    options = auth_bench.AuthBenchOptions(
+        transports=(auth_bench.HTTP,), scenarios=(auth_bench.WARM, auth_bench.STORM), rounds=1, messages=300,
+        warmup_messages=50, warmup_seconds=1.0, seconds=2.0, storm_clients=3, storm_messages=10)
+    before = _live_children()
+
+    report = auth_bench.run(options, keep_dir=tmp_path)
+
+    assert not report.skipped, report.skipped
+    runs = {(r.scenario, r.variant): r for r in report.runs}
+    assert set(runs) == {(s, v) for s in (auth_bench.WARM, auth_bench.STORM) for v in (auth_bench.NONE, auth_bench.HTTP)}
+    for r in report.runs:
+        assert r.sent > 0 and 0 < r.received <= r.sent and r.operations > r.sent
+        assert r.gateway_cpu_s >= 0 and r.callouts_not_allowed == 0
+    assert all(r.callouts == 0 for r in report.runs if r.variant == auth_bench.NONE)
+    # Warm caches: the publisher's and the subscriber's connects, the subscription and the one topic.
+    warm = runs[(auth_bench.WARM, auth_bench.HTTP)]
+    assert (warm.callouts_authenticate, warm.callouts_authorize) == (2, 2)
+    # The storm: one authenticate per identity, one authorize per topic, whatever the message count.
+    storm = runs[(auth_bench.STORM, auth_bench.HTTP)]
+    assert (storm.connects, storm.callouts_authenticate, storm.callouts_authorize) == (3, 3, 3)
+    assert [t.met for t in report.targets if t.description.startswith("storm")] == [True]
+    assert len(report.summaries) == 4
+    text = auth_bench.format_report(report)
+    assert "targets:" in text and "warm-cache callout (http) CPU/msg <= 1.05x none" in text
+    json.dumps(report.to_json())
+    deadline = time.monotonic() + 5
+    while _live_children() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _live_children() - before
+
+
+def _auth_run(scenario: str, variant: str, cpu_us: float, *, authn: int = 0, authz: int = 0,
+              connects: int = 0) -> auth_bench.AuthRun:
+    return auth_bench.AuthRun(
+        scenario=scenario, variant=variant, round=0, sent=10_000, received=10_000, lost=0, msgs_per_s=1000.0,
+        gateway_cpu_s=cpu_us * 1e-2, cpu_us_per_msg=cpu_us, operations=10_000, callouts_authenticate=authn,
+        callouts_authorize=authz, callouts_not_allowed=0, connects=connects)
+
+
+@pytest.mark.parametrize(("none_us", "grpc_us", "expect"), [
+    (20.0, 19.0, True),
+    (16.0, 16.8, True),     # exactly 1.05x, though 16.8 / 16.0 is 1.0500000000000003 in floats
+    (20.0, 21.01, False),
+])
+def test_auth_warm_target_is_five_percent_over_none(none_us, grpc_us, expect):
+    options = auth_bench.AuthBenchOptions(transports=(auth_bench.GRPC,), scenarios=(auth_bench.WARM,))
+    runs = [_auth_run(auth_bench.WARM, auth_bench.NONE, none_us), _auth_run(auth_bench.WARM, auth_bench.GRPC, grpc_us)]
+    summaries = auth_bench.summarise(runs)
+    assert summaries[1].ratio_to_none == pytest.approx(grpc_us / none_us)
+    assert summaries[1].added_us_per_msg == pytest.approx(grpc_us - none_us)
+    [target] = auth_bench.evaluate_targets(summaries, runs, options)
+    assert target.met is expect
+
+
+def test_auth_storm_target_needs_one_callout_per_identity_and_topic():
+    options = auth_bench.AuthBenchOptions(transports=(auth_bench.HTTP,), scenarios=(auth_bench.STORM,),
+                                          storm_clients=100)
+    exact = _auth_run(auth_bench.STORM, auth_bench.HTTP, 40.0, authn=100, authz=100, connects=100)
+    extra = _auth_run(auth_bench.STORM, auth_bench.HTTP, 40.0, authn=100, authz=101, connects=100)
+    for runs, expect in (([exact], True), ([exact, extra], False), ([], None)):
+        [target] = auth_bench.evaluate_targets(auth_bench.summarise(runs), runs, options)
+        assert target.met is expect
+
+
+def test_auth_counts_come_from_the_gateway_metrics():
+    text = (
+        '# TYPE polygate_auth_decisions counter\n'
+        'polygate_auth_decisions_total{action="connect",outcome="allow",protocol="mqtt"} 2.0\n'
+        'polygate_auth_decisions_total{action="publish",outcome="allow",protocol="mqtt"} 500.0\n'
+        '# TYPE polygate_callouts counter\n'
+        'polygate_callouts_total{method="authenticate",outcome="allow",transport="grpc"} 2.0\n'
+        'polygate_callouts_total{method="authorize",outcome="allow",transport="grpc"} 3.0\n'
+        'polygate_callouts_total{method="authorize",outcome="unavailable",transport="grpc"} 1.0\n')
+    counts = auth_bench.parse_counts(text)
+    assert counts == auth_bench.AuthCounts(decisions=502, authenticate=2, authorize=4, not_allowed=1)
+    assert auth_bench.parse_counts("") == auth_bench.AuthCounts()
+
+
+def test_auth_options_reject_what_the_run_cannot_honour():
+    with pytest.raises(ValueError, match="--transports"):
+        auth_bench.AuthBenchOptions(transports=("amqp",))
+    with pytest.raises(ValueError, match="--scenarios"):
+        auth_bench.AuthBenchOptions(scenarios=("hot",))
+    with pytest.raises(ValueError, match="--rounds"):
+        auth_bench.AuthBenchOptions(rounds=0)
