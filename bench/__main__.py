@@ -6,7 +6,8 @@ import sys
 # Imported only when chosen: load processes are spawned, and each one imports
 # this module again, so it must stay light.
 BENCHMARKS = {"mqtt": "bench.mqtt_bench", "auth": "bench.auth_bench", "latency": "bench.latency_bench",
-              "amqp": "bench.amqp_bench"}
+              "amqp": "bench.amqp_bench", "memory": "bench.memory_bench", "storm": "bench.storm_bench",
+              "authpath": "bench.authpath_bench"}
 
 
 def main(argv: list[str]) -> int:
