@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import queue
@@ -31,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from bench.entry import bench_main
 from bench import peers
 from bench.mqtt_bench import machine_info
 
@@ -441,18 +441,8 @@ def parse_args(argv: Sequence[str]) -> tuple[AmqpOptions, Path | None, Path | No
 
 def main(argv: Sequence[str]) -> int:
     options, json_path, keep_dir = parse_args(argv)
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        report = run(options, log=lambda line: print(line, file=sys.stderr, flush=True), keep_dir=keep_dir)
-    except KeyboardInterrupt:
-        print("interrupted; every broker and load process was stopped", file=sys.stderr)
-        return 130
-    print(format_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"\nfigures written to {json_path}")
-    return 0 if report.measurements else 1
+    return bench_main(
+        lambda log: run(options, log=log, keep_dir=keep_dir),
+        report=format_report, figures=lambda report: report.to_json(), json_path=json_path,
+        measured=lambda report: bool(report.measurements), started="every broker and load process was",
+    )

@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import multiprocessing
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +41,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.entry import bench_main
 from bench import load, mqtt_bench, peers
 
 # The run harness (worker processes, polling with deadlines, CPU sampling, SIGTERM handling)
@@ -690,17 +689,8 @@ def parse_args(argv: Sequence[str]) -> tuple[AuthBenchOptions, Path | None, Path
 
 def main(argv: Sequence[str]) -> int:
     options, json_path, keep_dir = parse_args(argv)
-    mqtt_bench.terminate_on_sigterm()
-    try:
-        report = run(options, log=lambda line: print(line, file=sys.stderr, flush=True), keep_dir=keep_dir)
-    except KeyboardInterrupt:
-        print("interrupted; every gateway, auth service and load process was stopped", file=sys.stderr)
-        return 130
-    except SystemExit as exc:
-        print("terminated; every gateway, auth service and load process was stopped", file=sys.stderr)
-        return int(exc.code or 1)
-    print(format_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"\nfigures written to {json_path}")
-    return 0 if report.runs else 1
+    return bench_main(
+        lambda log: run(options, log=log, keep_dir=keep_dir),
+        report=format_report, figures=lambda report: report.to_json(), json_path=json_path,
+        measured=lambda report: bool(report.runs), started="every gateway, auth service and load process was",
+    )

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +29,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from bench.entry import bench_main
 from bench import auth_bench, mqtt_bench, peers
 from gateway.config_types import AuthConfig, LimitsConfig
 from gateway.dispatcher import Dispatcher, SessionAuth
@@ -205,19 +204,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    mqtt_bench.terminate_on_sigterm()
-    try:
-        runs = run(args.hits, args.misses, args.concurrency, args.batches,
-                   log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (peers.BrokerUnavailable, mqtt_bench.RunFailed) as exc:
-        print(f"bench authpath failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; the auth service was stopped", file=sys.stderr)
-        return 130
-    print(format_report(runs))
-    if args.json is not None:
-        rows = [asdict(r) | {"decisions_per_s": r.decisions_per_s, "wall_us": r.wall_us, "cpu_us": r.cpu_us}
-                for r in runs]
-        args.json.write_text(json.dumps({"runs": rows}, indent=2))
-    return 0
+    return bench_main(
+        lambda log: run(args.hits, args.misses, args.concurrency, args.batches, log=log),
+        report=format_report,
+        figures=lambda runs: {"runs": [
+            asdict(r) | {"decisions_per_s": r.decisions_per_s, "wall_us": r.wall_us, "cpu_us": r.cpu_us} for r in runs
+        ]},
+        json_path=args.json, measured=bool, started="the auth service was",
+        failures=(peers.BrokerUnavailable, mqtt_bench.RunFailed),
+    )

@@ -19,7 +19,6 @@ import asyncio
 import base64
 import dataclasses
 import http.client
-import json
 import multiprocessing
 import queue
 import secrets
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from bench.entry import bench_main
 from bench import load, peers
 from bench.mqtt_bench import machine_info
 
@@ -540,18 +540,8 @@ def parse_args(argv: Sequence[str]) -> tuple[LatencyOptions, Path | None, Path |
 
 def main(argv: Sequence[str]) -> int:
     options, json_path, keep_dir = parse_args(argv)
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)   # so every `finally` stops what it started
-    try:
-        report = run(options, log=lambda line: print(line, file=sys.stderr, flush=True), keep_dir=keep_dir)
-    except KeyboardInterrupt:
-        print("interrupted; the gateway and every client process were stopped", file=sys.stderr)
-        return 130
-    print(format_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"\nfigures written to {json_path}")
-    return 0 if report.results else 1
+    return bench_main(
+        lambda log: run(options, log=log, keep_dir=keep_dir),
+        report=format_report, figures=lambda report: report.to_json(), json_path=json_path,
+        measured=lambda report: bool(report.results), started="the gateway and every client process were",
+    )

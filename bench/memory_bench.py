@@ -10,8 +10,6 @@ read before and after, once it has stopped moving.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.entry import bench_main
 from bench import connections, mqtt_bench, peers
 
 DEFAULT_COUNTS = (1000, 10000)
@@ -180,14 +179,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    mqtt_bench.terminate_on_sigterm()
-    try:
-        runs, skipped = run(args.counts, args.broker_names, args.workers,
-                            log=lambda line: print(line, file=sys.stderr, flush=True))
-    except KeyboardInterrupt:
-        print("interrupted; every broker and client process was stopped", file=sys.stderr)
-        return 130
-    print(format_report(runs, skipped))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs], "skipped": list(skipped)}, indent=2))
-    return 0 if runs else 1
+    return bench_main(
+        lambda log: run(args.counts, args.broker_names, args.workers, log=log),
+        report=lambda result: format_report(*result),
+        figures=lambda result: {"runs": [asdict(r) for r in result[0]], "skipped": list(result[1])},
+        json_path=args.json, measured=lambda result: bool(result[0]),
+        started="every broker and client process was",
+    )

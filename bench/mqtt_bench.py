@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import platform
 import queue
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.entry import bench_main
 from bench import load, peers
 
 DEFAULT_BROKERS = (peers.POLYGATE_LOCAL, peers.POLYGATE_NONE, peers.MOSQUITTO, peers.AMQTT)
@@ -485,27 +484,12 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | N
     return options, args.json, args.keep
 
 
-def terminate_on_sigterm() -> None:
-    # Turn SIGTERM into an exception so every `finally` stops what it started.
-    def handler(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str]) -> int:
     options, json_path, keep_dir = parse_args(argv)
-    terminate_on_sigterm()
-    try:
-        report = run(options, log=lambda line: print(line, file=sys.stderr, flush=True), keep_dir=keep_dir)
-    except KeyboardInterrupt:
-        print("interrupted; every broker and load process was stopped", file=sys.stderr)
-        return 130
-    except SystemExit as exc:
-        print("terminated; every broker and load process was stopped", file=sys.stderr)
-        return int(exc.code or 1)
-    print(format_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"\nfigures written to {json_path}")
-    return 0 if report.measurements else 1
+    return bench_main(
+        lambda log: run(options, log=log, keep_dir=keep_dir),
+        report=format_report, figures=lambda report: report.to_json(), json_path=json_path,
+        measured=lambda report: bool(report.measurements), started="every broker and load process was",
+    )

@@ -23,9 +23,7 @@ production hash. The report says which.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +32,7 @@ from pathlib import Path
 import yaml
 from argon2 import PasswordHasher, Type
 
+from bench.entry import bench_main
 from bench import auth_bench, connections, mqtt_bench, peers
 
 DEFAULT_CLIENTS = 2000
@@ -199,14 +198,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    mqtt_bench.terminate_on_sigterm()
-    try:
-        runs, skipped = run(args.clients, args.transport_names, args.workers, args.max_inflight,
-                            full_argon2=args.full_argon2, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except KeyboardInterrupt:
-        print("interrupted; every gateway, service and client process was stopped", file=sys.stderr)
-        return 130
-    print(format_report(runs, skipped, args.max_inflight, full_argon2=args.full_argon2))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs], "skipped": list(skipped)}, indent=2))
-    return 0 if runs else 1
+    return bench_main(
+        lambda log: run(args.clients, args.transport_names, args.workers, args.max_inflight,
+                        full_argon2=args.full_argon2, log=log),
+        report=lambda result: format_report(*result, args.max_inflight, full_argon2=args.full_argon2),
+        figures=lambda result: {"runs": [asdict(r) for r in result[0]], "skipped": list(result[1])},
+        json_path=args.json, measured=lambda result: bool(result[0]),
+        started="every gateway, service and client process was",
+    )
