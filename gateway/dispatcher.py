@@ -95,7 +95,6 @@ class Dispatcher:
         )
         self._calls: Coalescer[Decision] = Coalescer(max_inflight=auth.max_inflight)
         self.stale_served = 0
-        self.generation = 0
         metrics.add_collector(
             cache_metrics(lambda: (self.identity_cache, self.authn_cache, self.decision_cache, self.negative_cache))
         )
@@ -146,7 +145,6 @@ class Dispatcher:
         self.authn_cache.clear()
         self.decision_cache.clear()
         self.negative_cache.clear()
-        self.generation += 1
 
     def forget(self, protocol: Protocol, client_id: str) -> None:
         """The client disconnected: its resolved identity is no longer needed."""
@@ -167,7 +165,7 @@ class Dispatcher:
         identity = self.identity_cache.get((event.protocol, event.client_id))
         if identity is None:
             # Evicted or expired while connected: check the credentials again (authn-cached).
-            authn = await self._authenticate(_as_connect(event))
+            authn = await self._authenticate(event.for_operation(Action.CONNECT))
             if authn.outcome is not Outcome.ALLOW or authn.identity is None:
                 self._record(event, authn)
                 return authn
@@ -185,7 +183,7 @@ class Dispatcher:
         """
         if not self._required[event.protocol]:
             return self._unchecked(event)
-        authn = await self._authenticate(_as_connect(event) if event.action is not Action.CONNECT else event)
+        authn = await self._authenticate(event.for_operation(Action.CONNECT) if event.action is not Action.CONNECT else event)
         if authn.outcome is not Outcome.ALLOW or authn.identity is None or event.action is Action.CONNECT:
             self._record(event, authn)
             return authn
@@ -359,17 +357,6 @@ def _audit(
     )
 
 
-def _as_connect(event: AuthEvent) -> AuthEvent:
-    return AuthEvent(
-        protocol=event.protocol,
-        action=Action.CONNECT,
-        client_id=event.client_id,
-        username=event.username,
-        secret=event.secret,
-        peer=event.peer,
-        tls_identity=event.tls_identity,
-    )
-
 
 class SessionAuth:
     """Per-connection auth handle of a session protocol; built once at CONNECT.
@@ -410,17 +397,7 @@ class SessionAuth:
     async def _operation(self, action: Action, topic: str) -> Decision:
         if not self._required:
             return self._allow
-        c = self._connect
-        event = AuthEvent(
-            protocol=c.protocol,
-            action=action,
-            client_id=c.client_id,
-            username=c.username,
-            secret=c.secret,
-            topic=topic,
-            peer=c.peer,
-            tls_identity=c.tls_identity,
-        )
+        event = self._connect.for_operation(action, topic)
         decision = await self._dispatcher._authorize(event, self.identity)
         self._dispatcher._record(event, decision)
         return decision

@@ -7,6 +7,7 @@ is redacted so no log line or traceback can print one.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hmac
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ class AuthEvent:
     peer: str = ""
     #: Subject of a verified client certificate (mTLS), "" otherwise.
     tls_identity: str = ""
+
+    def for_operation(self, action: Action, topic: str = "") -> AuthEvent:
+        """The same client's event for another action (a CONNECT carries no topic)."""
+        return dataclasses.replace(self, action=action, topic=topic)
 
     def __post_init__(self) -> None:
         if self.action is Action.CONNECT:

@@ -67,6 +67,7 @@ from gateway.context import FrontendContext
 from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Outcome, Protocol
+from gateway.frontends.flow import admit
 from gateway.frontends.peers import peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.router import Message
@@ -301,21 +302,10 @@ class AMQPConnection(asyncio.Protocol):
         self.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
-        ctx = self.ctx
-        if ctx.ratelimits.check_connection(ip) > 0:
-            ctx.metrics.connection_refused(Protocol.AMQP, "rate_limited")
-            log.warning("connection from %s refused: rate limited", ip,
-                        extra={"event": "connection_refused", "peer": self.peer})
-            transport.abort()
-            return
-        if not ctx.state.register(self.listener.name, self):
-            ctx.metrics.connection_refused(Protocol.AMQP, "max_connections")
-            log.warning("connection from %s refused: %s is full or stopping", self.peer, self.listener.name,
-                        extra={"event": "connection_refused", "peer": self.peer})
+        if not admit(self.ctx, self.listener, self, Protocol.AMQP, ip, self.peer):
             transport.abort()
             return
         self._registered = True
-        ctx.metrics.connection_opened(Protocol.AMQP)
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:

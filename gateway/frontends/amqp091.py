@@ -92,6 +92,7 @@ from gateway.context import FrontendContext
 from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol
+from gateway.frontends.flow import ReadPauses, admit
 from gateway.frontends.peers import peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 
@@ -167,7 +168,7 @@ class AMQP091Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._reading = False
         self._paused_writing = False
-        self._pause_reasons: set[str] = set()
+        self._pauses = ReadPauses(lambda: self._closed)
         self._backlog: deque[object] | None = None
         self._barriers = 0
         self._worker: asyncio.Task[None] | None = None
@@ -219,22 +220,12 @@ class AMQP091Connection(asyncio.Protocol):
         self.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
-        ctx = self.ctx
-        if ctx.ratelimits.check_connection(ip) > 0:
-            ctx.metrics.connection_refused(Protocol.AMQP091, "rate_limited")
-            log.warning("connection from %s refused: rate limited", ip, extra={"event": "connection_refused", "peer": self.peer})
-            self._closed = True
-            transport.abort()
-            return
-        if not ctx.state.register(self.listener.name, self):
-            ctx.metrics.connection_refused(Protocol.AMQP091, "max_connections")
-            log.warning("connection from %s refused: %s is full or stopping", self.peer, self.listener.name,
-                        extra={"event": "connection_refused", "peer": self.peer})
+        self._pauses.attach(transport)
+        if not admit(self.ctx, self.listener, self, Protocol.AMQP091, ip, self.peer):
             self._closed = True
             transport.abort()
             return
         self._registered = True
-        ctx.metrics.connection_opened(Protocol.AMQP091)
         self._last_rx = self._last_tx = self.loop.time()
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
@@ -427,7 +418,7 @@ class AMQP091Connection(asyncio.Protocol):
     def _heartbeat_tick(self) -> None:
         interval = self.heartbeat
         now = self.loop.time()
-        if self._pause_reasons:
+        if self._pauses:
             # We stopped reading; the peer's heartbeats wait in the socket, not lost.
             self._last_rx = now
         elif now - self._last_rx > 2 * interval:
@@ -499,7 +490,7 @@ class AMQP091Connection(asyncio.Protocol):
                 if type(event) is not Publish and not self._is_ack(event):
                     self._barriers += 1
         if len(backlog) > MAX_BACKLOG:
-            self._pause_reading("backlog")
+            self._pauses.pause("backlog")
 
     @staticmethod
     def _is_ack(event: object) -> bool:
@@ -537,7 +528,7 @@ class AMQP091Connection(asyncio.Protocol):
                     if kind is Publish:
                         if self._hold:
                             await self._hold.wait(self, repr(self.client_id))
-                        await self._throttle()
+                        await self._pauses.wait_for_token(self._bucket)
                         if self._closed:
                             break
                         step = self._publish(event)  # type: ignore[arg-type]
@@ -564,34 +555,7 @@ class AMQP091Connection(asyncio.Protocol):
             self._backlog = None
             self._worker = None
             self._barriers = 0
-            self._resume_reading("backlog")
-
-    def _pause_reading(self, reason: str) -> None:
-        if not self._pause_reasons and self.transport is not None and not self._closed:
-            self.transport.pause_reading()
-        self._pause_reasons.add(reason)
-
-    def _resume_reading(self, reason: str) -> None:
-        reasons = self._pause_reasons
-        if reason in reasons:
-            reasons.discard(reason)
-            if not reasons and self.transport is not None and not self._closed:
-                self.transport.resume_reading()
-
-    async def _throttle(self) -> None:
-        """Wait for a rate-limit token: a flooding client is slowed down, not dropped."""
-        bucket = self._bucket
-        if bucket is None:
-            return
-        wait = bucket.take()
-        if wait > 0:
-            self._pause_reading("ratelimit")
-            try:
-                while wait > 0 and not self._closed:
-                    await asyncio.sleep(wait)
-                    wait = bucket.take()
-            finally:
-                self._resume_reading("ratelimit")
+            self._pauses.resume("backlog")
 
     # -- backpressure from congested queues (broker.Publisher) -------------------------------------
 

@@ -706,14 +706,6 @@ class Observation:
 # -- the frontend -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class _Client:
-    client_id: str
-    username: str
-    secret: Secret
-    peer: str
-
-
 class CoAPFrontend:
     def __init__(
         self, ctx: FrontendContext, listener: ListenerConfig, *, reliable_tuning: TransportTuning | None = None
@@ -818,29 +810,21 @@ class CoAPFrontend:
         else:
             raise MethodNotAllowed("use POST /<topic> to publish and GET /<filter> with Observe to subscribe")
 
-    def _client(self, query: RequestQuery, peer: str) -> _Client:
-        return _Client(
+    def _client(self, query: RequestQuery, peer: str) -> AuthEvent:
+        return AuthEvent(
+            protocol=Protocol.COAP,
+            action=Action.CONNECT,
             client_id=query.client_id or f"coap:{peer}",
             username=query.username,
             secret=query.secret,
             peer=peer,
         )
 
-    async def _authorize(self, client: _Client, action: Action, topic: str) -> None:
+    async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> None:
         dispatcher = self._ctx.dispatcher
         if not dispatcher.requires_auth(Protocol.COAP):
             return
-        decision = await dispatcher.decide_stateless(
-            AuthEvent(
-                protocol=Protocol.COAP,
-                action=action,
-                client_id=client.client_id,
-                username=client.username,
-                secret=client.secret,
-                topic=topic,
-                peer=client.peer,
-            )
-        )
+        decision = await dispatcher.decide_stateless(client.for_operation(action, topic))
         if decision.outcome is Outcome.ALLOW:
             return
         if decision.outcome is Outcome.UNAVAILABLE:
@@ -889,7 +873,7 @@ class CoAPFrontend:
             response.opt.block1 = (block1.block_number, False, block1.size_exponent)
         return response
 
-    async def _assemble(self, request: aiocoap.Message, client: _Client, topic: str, block1: Any) -> bytes | None:
+    async def _assemble(self, request: aiocoap.Message, client: AuthEvent, topic: str, block1: Any) -> bytes | None:
         """Add one Block1 block; the whole payload after the last one, None while more are due."""
         limit = self._max_message
         if block1.size_exponent > MAX_BLOCK_SZX:
@@ -963,7 +947,7 @@ class CoAPFrontend:
         self._ctx.metrics.messages_out[Protocol.COAP] += 1
         pipe.add_response(response, is_last=True)
 
-    async def _observe(self, pipe: Pipe, request: aiocoap.Message, client: _Client, topic_filter: str, qos: int) -> None:
+    async def _observe(self, pipe: Pipe, request: aiocoap.Message, client: AuthEvent, topic_filter: str, qos: int) -> None:
         ctx = self._ctx
         observation = Observation(
             self, client_id=client.client_id, topic_filter=topic_filter,

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -147,15 +146,6 @@ async def error_boundary(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 # -- who is asking -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class _Client:
-    client_id: str
-    username: str
-    secret: Secret
-    peer: str
-    tls_identity: str
 
 
 def _credentials(headers: Mapping[str, str]) -> tuple[str, Secret]:
@@ -370,7 +360,7 @@ class HTTPFrontend:
             raise MethodNotAllowed("use GET /subscribe?topic=<filter> to subscribe", allow="GET")
         raise MethodNotAllowed("use POST /<topic> or POST /publish to publish", allow="POST")
 
-    def _client(self, request: web.Request) -> _Client:
+    def _client(self, request: web.Request) -> AuthEvent:
         transport = request.transport
         peername = transport.get_extra_info("peername") if transport is not None else None
         peer = format_peer(peername[0], peername[1]) if peername else (request.remote or "")
@@ -381,26 +371,16 @@ class HTTPFrontend:
             username, secret = _credentials(headers)
         else:
             username, secret = headers.get("X-Username") or headers.get("X-FluxMQ-Username") or "", NO_SECRET
-        return _Client(
-            client_id=client_id, username=username, secret=secret, peer=peer, tls_identity=tls_identity
+        return AuthEvent(
+            protocol=Protocol.HTTP, action=Action.CONNECT, client_id=client_id, username=username,
+            secret=secret, peer=peer, tls_identity=tls_identity,
         )
 
-    async def _authorize(self, client: _Client, action: Action, topic: str) -> None:
+    async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> None:
         dispatcher = self._ctx.dispatcher
         if not dispatcher.requires_auth(Protocol.HTTP):
             return
-        decision = await dispatcher.decide_stateless(
-            AuthEvent(
-                protocol=Protocol.HTTP,
-                action=action,
-                client_id=client.client_id,
-                username=client.username,
-                secret=client.secret,
-                topic=topic,
-                peer=client.peer,
-                tls_identity=client.tls_identity,
-            )
-        )
+        decision = await dispatcher.decide_stateless(client.for_operation(action, topic))
         if decision.outcome is Outcome.ALLOW:
             return
         if decision.outcome is Outcome.UNAVAILABLE:
@@ -469,7 +449,7 @@ class HTTPFrontend:
             raise BadRequest('"retain" must be true or false')
         return topic, payload, qos, retain
 
-    def _check_message_rate(self, client: _Client) -> None:
+    def _check_message_rate(self, client: AuthEvent) -> None:
         # After authorization, so nobody can spend another client's budget by naming its id.
         wait = self._ctx.ratelimits.check_message(client.client_id)
         if wait > 0:
