@@ -19,7 +19,7 @@ import logging
 import typing
 from dataclasses import dataclass
 
-from gateway.topics import validate_topic_name
+from gateway.topics import is_wildcard, validate_topic_name
 
 logger = logging.getLogger("polygate.router")
 
@@ -89,10 +89,6 @@ class _Client:
         self.subscriber = subscriber
         self.filters: dict[str, int] = {}
         self.failure_logged = False
-
-
-def _is_wildcard(topic_filter: str) -> bool:
-    return "+" in topic_filter or "#" in topic_filter
 
 
 class Router:
@@ -197,7 +193,7 @@ class Router:
             del parent.children[level]
 
     def _invalidate(self, topic_filter: str) -> None:
-        if _is_wildcard(topic_filter):
+        if is_wildcard(topic_filter):
             self._match_cache.clear()
         else:
             # A literal filter matches exactly one topic: only that entry is stale.
@@ -295,6 +291,13 @@ class Router:
         if node is None:
             if self._max_retained and len(self._retained) >= self._max_retained:
                 self.retained_refused += 1
+                if self.retained_refused == 1 or self.retained_refused % 1000 == 0:
+                    logger.warning(
+                        "retained message on %r not stored: limits.max_retained_messages (%d) reached"
+                        " (%d refused so far; it was still delivered to current subscribers)",
+                        topic, self._max_retained, self.retained_refused,
+                        extra={"event": "retained_refused", "topic": topic},
+                    )
                 return
             node = self._retained_root
             for level in topic.split("/"):
@@ -320,7 +323,7 @@ class Router:
 
     def retained(self, topic_filter: str) -> list[Message]:
         """The retained messages a (valid) filter matches."""
-        if not _is_wildcard(topic_filter):
+        if not is_wildcard(topic_filter):
             node = self._retained.get(topic_filter)
             return [node.message] if node is not None and node.message is not None else []
         levels = topic_filter.split("/")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Protocol as TypingProtocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.config_types import GatewayConfig, ListenerConfig
 from gateway.context import FrontendContext
@@ -51,6 +54,7 @@ class Gateway:
             max_retained=config.limits.max_retained_messages,
             max_topic_length=config.limits.max_topic_length,
         )
+        self.metrics.add_collector(self._router_metrics)
         self.dispatcher = Dispatcher(config.auth, limits=config.limits, metrics=self.metrics, provider=provider)
         self.ctx = FrontendContext(
             config=config,
@@ -64,6 +68,19 @@ class Gateway:
         self.health: Frontend | None = None
         self._listening = False
         self._stopped = asyncio.Event()
+
+    def _router_metrics(self) -> Iterable[Metric]:
+        retained = GaugeMetricFamily("polygate_retained_messages", "Retained messages stored")
+        retained.add_metric([], self.router.retained_count)
+        subscriptions = GaugeMetricFamily("polygate_subscriptions", "Subscriptions in the router, all protocols")
+        subscriptions.add_metric([], self.router.subscription_count)
+        refused = CounterMetricFamily(
+            "polygate_retained_refused", "Retained messages not stored: limits.max_retained_messages reached"
+        )
+        refused.add_metric([], self.router.retained_refused)
+        errors = CounterMetricFamily("polygate_delivery_errors", "Deliveries a subscriber failed to accept")
+        errors.add_metric([], self.router.delivery_errors)
+        return [retained, subscriptions, refused, errors]
 
     def ready(self) -> bool:
         return self._listening and not self.state.shutting_down and self.dispatcher.ready()

@@ -21,6 +21,7 @@ from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Outcome, Protocol, Secret
+from gateway.frontends.flow import ReadPauses, admit
 from gateway.frontends.peers import peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.mqtt.codec import (
@@ -87,7 +88,7 @@ class MQTTConnection(asyncio.Protocol):
         "session", "auth", "connect", "will", "_out", "_flush_scheduled", "_reading", "_paused",
         "_backlog", "_worker", "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
         "_bucket", "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
-        "_registered", "_taken_over", "_prepaid", "_pause_reasons", "_hold",
+        "_registered", "_taken_over", "_prepaid", "_pauses", "_hold",
     )
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig, registry: SessionRegistry) -> None:
@@ -126,7 +127,7 @@ class MQTTConnection(asyncio.Protocol):
         #: The one backlogged PUBLISH that already took its rate-limit token.
         self._prepaid: object | None = None
         #: Why reading is paused ("backlog", "ratelimit"); reading resumes when empty.
-        self._pause_reasons: set[str] = set()
+        self._pauses = ReadPauses(lambda: self._closing)
         #: Congested sessions this connection's publishes are held for (backpressure).
         self._hold = PublisherHold()
 
@@ -137,20 +138,11 @@ class MQTTConnection(asyncio.Protocol):
         self.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
-        ctx = self.ctx
-        if ctx.ratelimits.check_connection(ip) > 0:
-            ctx.metrics.connection_refused(Protocol.MQTT, "rate_limited")
-            log.warning("connection from %s refused: rate limited", ip, extra={"event": "connection_refused", "peer": self.peer})
-            transport.abort()
-            return
-        if not ctx.state.register(self.listener.name, self):
-            ctx.metrics.connection_refused(Protocol.MQTT, "max_connections")
-            log.warning("connection from %s refused: %s is full or stopping", self.peer, self.listener.name,
-                        extra={"event": "connection_refused", "peer": self.peer})
+        self._pauses.attach(transport)
+        if not admit(self.ctx, self.listener, self, Protocol.MQTT, ip, self.peer):
             transport.abort()
             return
         self._registered = True
-        ctx.metrics.connection_opened(Protocol.MQTT)
         self._last_rx = self.loop.time()
         self._keepalive_handle = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
 
@@ -232,19 +224,7 @@ class MQTTConnection(asyncio.Protocol):
             else:
                 backlog.append(packet)
         if len(backlog) > MAX_BACKLOG:
-            self._pause_reading("backlog")
-
-    def _pause_reading(self, reason: str) -> None:
-        if not self._pause_reasons and self.transport is not None and not self._closing:
-            self.transport.pause_reading()
-        self._pause_reasons.add(reason)
-
-    def _resume_reading(self, reason: str) -> None:
-        reasons = self._pause_reasons
-        if reason in reasons:
-            reasons.discard(reason)
-            if not reasons and self.transport is not None and not self._closing:
-                self.transport.resume_reading()
+            self._pauses.pause("backlog")
 
     # -- backpressure from congested subscribers ------------------------------------------------
 
@@ -394,7 +374,7 @@ class MQTTConnection(asyncio.Protocol):
                     if self._hold:
                         await self._hold.wait(self, repr(self.session.client_id if self.session else self.peer))
                     if packet is not self._prepaid:
-                        await self._throttle()
+                        await self._pauses.wait_for_token(self._bucket)
                     self._prepaid = None
                     if not self._publish_now(packet):  # type: ignore[arg-type]
                         await self._publish_awaited(packet)  # type: ignore[arg-type]
@@ -408,7 +388,7 @@ class MQTTConnection(asyncio.Protocol):
         finally:
             self._backlog = None
             self._worker = None
-            self._resume_reading("backlog")
+            self._pauses.resume("backlog")
 
     # -- CONNECT ----------------------------------------------------------------------------------
 
@@ -506,7 +486,10 @@ class MQTTConnection(asyncio.Protocol):
             self._write(encode_pubrec(packet.packet_id))  # type: ignore[arg-type]
             return True
         topic = packet.topic
-        if len(topic) > self._max_topic or "\x00" in topic:
+        # The codec already refuses wildcards and NUL; an empty or overlong name is
+        # ours to refuse. A name can only be overlong in UTF-8 bytes when it has more
+        # than a quarter as many characters, so short names skip the byte count.
+        if not topic or len(topic) * 4 > self._max_topic:
             try:
                 validate_topic_name(topic, self._max_topic)
             except InvalidTopic as exc:
@@ -517,21 +500,6 @@ class MQTTConnection(asyncio.Protocol):
             return False
         self._act_on_publish(packet, decision)
         return True
-
-    async def _throttle(self) -> None:
-        """Wait for a rate-limit token: a flooding client is slowed down, not dropped."""
-        bucket = self._bucket
-        if bucket is None:
-            return
-        wait = bucket.take()
-        if wait > 0:
-            self._pause_reading("ratelimit")
-            try:
-                while wait > 0 and not self._closing:
-                    await asyncio.sleep(wait)
-                    wait = bucket.take()
-            finally:
-                self._resume_reading("ratelimit")
 
     async def _publish_awaited(self, packet: Publish) -> None:
         assert self.auth is not None

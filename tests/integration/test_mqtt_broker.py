@@ -506,3 +506,51 @@ def test_slow_subscriber_holds_publisher_back_instead_of_dropping(
     slow.close()
     dropped = gw.call(lambda: sum(gw.gateway.metrics.messages_dropped.values()))  # type: ignore[union-attr]
     assert dropped == 0
+
+
+def test_retained_cap_is_counted_in_metrics(start_gateway: Any, tmp_path: Path, clients: Any, root_password: str) -> None:
+    import urllib.request
+
+    gw = start_gateway(loopback_config(tmp_path, limits={"max_retained_messages": 1}))
+    pub = root(gw.mqtt_port, clients, root_password, client_id="pub")
+    pub.publish("keep/1", b"a", qos=1, retain=True)
+    pub.publish("keep/2", b"b", qos=1, retain=True)  # over the cap: delivered, not stored
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.health_port}/metrics", timeout=5).read().decode()
+    assert "polygate_retained_messages 1.0" in text
+    assert "polygate_retained_refused_total 1.0" in text
+    late = root(gw.mqtt_port, clients, root_password, client_id="late")
+    late.subscribe(("keep/+", 1))
+    assert late.next_message().payload == b"a"
+
+
+def test_empty_topic_in_publish_closes_connection_cleanly(
+    gateway: GatewayThread, clients: Any, root_password: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = _RawClient(gateway.mqtt_port)
+    raw.send(_connect_bytes("empty-topic", ROOT_USER, root_password))
+    raw.read_packet()
+    raw.send(b"\x30\x04\x00\x00hi")  # QoS 0 PUBLISH with a zero-length topic (MQTT-4.7.3-1)
+    assert _read_until_closed(raw.sock)
+    assert "Fatal error" not in caplog.text and "Traceback" not in caplog.text
+    ok = root(gateway.mqtt_port, clients, root_password, client_id="still-ok")
+    ok.subscribe(("t", 0))
+    ok.publish("t", b"x", qos=1)
+    assert ok.next_message().payload == b"x"
+
+
+def test_topic_over_max_length_in_utf8_bytes_closes_connection_cleanly(
+    start_gateway: Any, tmp_path: Path, clients: Any, root_password: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = start_gateway(loopback_config(tmp_path, limits={"max_topic_length": 64}))
+    raw = _RawClient(gw.mqtt_port)
+    raw.send(_connect_bytes("long-topic", ROOT_USER, root_password))
+    raw.read_packet()
+    topic = ("\u20ac" * 30).encode()  # 30 characters, 90 UTF-8 bytes: over a 64-byte limit
+    body = len(topic).to_bytes(2, "big") + topic + b"x"
+    raw.send(bytes([0x30, len(body)]) + body)
+    assert _read_until_closed(raw.sock)
+    assert "Fatal error" not in caplog.text
+    ok = root(gw.mqtt_port, clients, root_password, client_id="still-ok")
+    ok.subscribe(("t", 0))
+    ok.publish("t", b"x", qos=1)
+    assert ok.next_message().payload == b"x"
