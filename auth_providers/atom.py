@@ -136,8 +136,8 @@ class AtomProvider:
         self.alias_cache: TTLCache[AliasLookup, _Resolved] = TTLCache(
             "atom_alias", maxsize=auth.identity_cache_size, ttl=atom.alias_cache_ttl
         )
-        self._alias_calls: Coalescer[_Resolved | Decision | ProviderUnavailable] = Coalescer(
-            max_inflight=auth.max_inflight
+        self._alias_calls: Coalescer[_Resolved | Decision | ProviderUnavailable] = Coalescer.with_line(
+            auth.max_inflight, wait_timeout=auth.timeout
         )
         self._channel: grpc.aio.Channel | None = None
         self._authn: Any = None

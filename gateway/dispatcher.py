@@ -93,7 +93,7 @@ class Dispatcher:
         self.negative_cache: TTLCache[Hashable, Decision] = TTLCache(
             "negative", maxsize=size, ttl=auth.negative_cache_ttl
         )
-        self._calls: Coalescer[Decision] = Coalescer(max_inflight=auth.max_inflight)
+        self._calls: Coalescer[Decision] = Coalescer.with_line(auth.max_inflight, wait_timeout=auth.timeout)
         self.stale_served = 0
         metrics.add_collector(
             cache_metrics(lambda: (self.identity_cache, self.authn_cache, self.decision_cache, self.negative_cache))
@@ -103,7 +103,8 @@ class Dispatcher:
     def _collect(self) -> Iterable[Metric]:
         for name, doc, value in (
             ("polygate_auth_coalesced_calls", "Auth requests that shared an identical in-flight call", self.coalesced),
-            ("polygate_auth_shed_calls", "Auth misses refused at once: max_inflight calls outstanding", self.shed),
+            ("polygate_auth_shed_calls", "Auth misses refused: no call slot free within auth.timeout", self.shed),
+            ("polygate_auth_waited_calls", "Auth misses that waited for a call slot (max_inflight busy)", self._calls.waited),
             ("polygate_auth_stale_served", "Expired allows served while the provider was unavailable", self.stale_served),
         ):
             family = CounterMetricFamily(name, doc)
@@ -112,6 +113,9 @@ class Dispatcher:
         outstanding = GaugeMetricFamily("polygate_auth_outstanding_calls", "Distinct auth calls in flight now")
         outstanding.add_metric([], self._calls.outstanding)
         yield outstanding
+        waiting = GaugeMetricFamily("polygate_auth_waiting_calls", "Auth misses waiting for a call slot now")
+        waiting.add_metric([], self._calls.waiting)
+        yield waiting
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -321,7 +325,7 @@ class Dispatcher:
 
 
 def _overloaded() -> Decision:
-    return Decision.unavailable("auth service overloaded: too many calls in flight")
+    return Decision.unavailable("auth service overloaded: no call slot free in time")
 
 
 def _audit(

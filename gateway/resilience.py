@@ -58,6 +58,8 @@ class Permit:
 
     generation: int
     trial: bool
+    #: The breaker's count of answered calls when this one started.
+    answered_before: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +76,15 @@ def backoff_delay(retry: int, random: Callable[[], float] = _random.random) -> f
 
 
 class CircuitBreaker:
-    """Consecutive unavailable outcomes open it; after `open_for` a few trial calls may close it."""
+    """Consecutive unavailable outcomes open it; after `open_for` a few trial calls may close it.
+
+    "Consecutive" means: with no answer from the service in between. A failed
+    call counts only if no other call got an answer since it started. Under a
+    connection storm thousands of calls are in flight at once, and a handful
+    of them passing the timeout while the rest are answered is load, not an
+    outage: counting them would open the circuit on a healthy service and turn
+    the storm into refusals for `open_for` seconds.
+    """
 
     def __init__(
         self, config: CircuitBreakerConfig, *, name: str = "auth provider", clock: Callable[[], float] = time.monotonic
@@ -91,6 +101,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trials_in_flight = 0
         self._trial_successes = 0
+        self._answered = 0
         #: Times the breaker opened (for metrics and tests).
         self.opened = 0
 
@@ -108,13 +119,14 @@ class CircuitBreaker:
         """A permit to call now, or None: answer unavailable without calling."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return Permit(self._generation, trial=False)
+            return Permit(self._generation, trial=False, answered_before=self._answered)
         if state is BreakerState.HALF_OPEN and self._trials_in_flight < self.config.half_open_requests:
             self._trials_in_flight += 1
-            return Permit(self._generation, trial=True)
+            return Permit(self._generation, trial=True, answered_before=self._answered)
         return None
 
     def success(self, permit: Permit) -> None:
+        self._answered += 1
         if not self._settle(permit):
             return
         if self._state is BreakerState.CLOSED:
@@ -132,6 +144,8 @@ class CircuitBreaker:
             log.warning("%s still failing: circuit open again for %gs", self.name, self.config.open_for)
             self._open()
             return
+        if self._answered != permit.answered_before:
+            return  # the service answered others meanwhile: this one was slow, not a sign of an outage
         self._failures += 1
         if self._failures >= self.config.failures:
             log.warning(

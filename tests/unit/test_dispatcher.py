@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -53,6 +54,14 @@ class CountingProvider:
         if event.topic.startswith("ok/"):
             return Decision.allow(identity)
         return Decision.deny("not allowed")
+
+
+async def wait_for(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
 
 
 def make(provider: CountingProvider, **auth: Any) -> Dispatcher:
@@ -138,17 +147,30 @@ async def test_provider_error_and_timeout_are_unavailable_never_cached() -> None
     assert decision.outcome is Outcome.UNAVAILABLE and "did not answer" in decision.reason
 
 
-async def test_admission_control_sheds_beyond_max_inflight() -> None:
+async def test_admission_control_makes_misses_beyond_max_inflight_wait_their_turn() -> None:
     provider = CountingProvider()
     provider.gate = asyncio.Event()
     dispatcher = make(provider, max_inflight=10)
     tasks = [asyncio.create_task(dispatcher.decide(connect(client_id=f"c{i}"))) for i in range(50)]
-    await asyncio.sleep(0.01)
-    assert provider.authn_calls == 10
+    await wait_for(lambda: provider.authn_calls == 10)
+    assert dispatcher._calls.waiting == 40
     provider.gate.set()
     decisions = await asyncio.gather(*tasks)
-    assert sum(d.outcome is Outcome.UNAVAILABLE for d in decisions) == 40
-    assert dispatcher.shed == 40
+    assert all(d.outcome is Outcome.ALLOW for d in decisions)
+    assert provider.authn_calls == 50 and dispatcher.shed == 0
+
+
+async def test_admission_control_sheds_what_waits_longer_than_the_timeout() -> None:
+    provider = CountingProvider()
+    provider.gate = asyncio.Event()
+    dispatcher = make(provider, max_inflight=2, timeout=0.05, retries=0)
+    tasks = [asyncio.create_task(dispatcher.decide(connect(client_id=f"c{i}"))) for i in range(5)]
+    decisions = await asyncio.gather(*tasks)
+    # The two callouts time out themselves; the three in line never got a slot.
+    assert provider.authn_calls == 2
+    assert [d.outcome for d in decisions] == [Outcome.UNAVAILABLE] * 5
+    assert dispatcher.shed == 3
+    assert sum("no call slot free" in d.reason for d in decisions) == 3
 
 
 async def test_session_fast_path_answers_from_cache_without_await() -> None:

@@ -329,6 +329,23 @@ async def test_a_late_failure_from_before_the_circuit_opened_does_not_reopen_it(
     assert breaker.state.value == "closed"
 
 
+def test_failures_of_calls_that_overlapped_an_answer_do_not_open_the_circuit() -> None:
+    breaker = CircuitBreaker(CircuitBreakerConfig(failures=3, open_for=5.0, half_open_requests=1), clock=FakeClock())
+    # A storm: many calls in flight, one answered, then the slowest few time out.
+    storm = [breaker.acquire() for _ in range(10)]
+    assert all(permit is not None for permit in storm)
+    breaker.success(storm[0])  # type: ignore[arg-type]
+    for permit in storm[1:]:
+        breaker.failure(permit)  # type: ignore[arg-type]
+    assert breaker.state.value == "closed" and breaker.consecutive_failures == 0
+    # Calls started after the last answer that all fail are an outage.
+    for _ in range(3):
+        permit = breaker.acquire()
+        assert permit is not None
+        breaker.failure(permit)
+    assert breaker.state.value == "open"
+
+
 def test_a_breaker_needs_sane_settings() -> None:
     with pytest.raises(ValueError):
         CircuitBreaker(CircuitBreakerConfig(failures=0))
