@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import os
 import queue
 import secrets
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.entry import bench_main
-from bench import peers
+from bench import peers, rabbitmq
 from bench.mqtt_bench import machine_info
 
 POLYGATE = "polygate-none"
-RABBITMQ = "rabbitmq"
+RABBITMQ = rabbitmq.RABBITMQ
 BROKERS = (POLYGATE, RABBITMQ)
-RABBITMQ_START_S = 60.0
 READY_DEADLINE_S = 30.0
 SETTLE_S = 2.0          # no new delivery for this long: the rest is lost
 POLL_S = 0.01
@@ -266,89 +260,13 @@ def start_polygate(workdir: Path) -> Target:
                   stop=lambda: peers.stop_process_group(process))
 
 
-def rabbitmq_server_path() -> str | None:
-    # The plain script, not Debian's /usr/sbin wrapper, which switches to the rabbitmq user
-    # and could not write to our temp dir.
-    for candidate in ("/usr/lib/rabbitmq/bin/rabbitmq-server",):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("rabbitmq-server") or shutil.which("rabbitmq-server", path="/usr/sbin")
-
-
-def ensure_rabbitmq(*, setup: bool) -> str:
-    path = rabbitmq_server_path()
-    if path:
-        return path
-    if not setup:
-        raise peers.BrokerUnavailable("rabbitmq-server is not installed; run with --setup "
-                                      "(apt-get install -y rabbitmq-server)")
-    peers.run_setup_command(["apt-get", "update"])
-    peers.run_setup_command(["apt-get", "install", "-y", "rabbitmq-server"])
-    # Debian starts the packaged service; this benchmark runs its own node instead.
-    subprocess.run(["service", "rabbitmq-server", "stop"], capture_output=True, check=False, timeout=60)
-    path = rabbitmq_server_path()
-    if not path:
-        raise peers.BrokerUnavailable("apt-get installed rabbitmq-server but no rabbitmq-server script was found")
-    return path
-
-
-def _rabbitmqctl() -> str:
-    for candidate in ("/usr/lib/rabbitmq/bin/rabbitmqctl",):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("rabbitmqctl") or "rabbitmqctl"
-
-
-def _epmd_pids() -> set[int]:
-    pids = set()
-    for process in psutil.process_iter(["name"]):
-        if process.info["name"] == "epmd":
-            pids.add(process.pid)
-    return pids
-
-
-def rabbitmq_version() -> str:
-    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"], capture_output=True,
-                            text=True, check=False, timeout=10)
-    return result.stdout.strip() or "unknown"
-
-
 def start_rabbitmq(workdir: Path, *, setup: bool) -> Target:
-    # Before --setup too: the package's own service starts an epmd of its own.
-    epmd_before = _epmd_pids()
-    path = ensure_rabbitmq(setup=setup)
-    port, dist_port = peers.free_port(), peers.free_port()
-    node = f"polygate-bench-{secrets.token_hex(4)}@localhost"
-    plugins = workdir / "enabled_plugins"
-    plugins.write_text("[].\n")   # no management plugin: the broker alone
-    env = {**os.environ, "RABBITMQ_NODE_PORT": str(port), "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-           "RABBITMQ_NODENAME": node, "RABBITMQ_DIST_PORT": str(dist_port),
-           "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"), "RABBITMQ_LOG_BASE": str(workdir / "log"),
-           "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins), "RABBITMQ_PID_FILE": str(workdir / "rabbit.pid"),
-           "HOME": os.environ.get("HOME", str(workdir))}
-    log_path = workdir / "rabbitmq.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([path], cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop() -> None:
-        subprocess.run([_rabbitmqctl(), "-n", node, "stop"], env=env, capture_output=True, check=False, timeout=60)
-        peers.stop_process_group(process)
-        # The node (or --setup's service) started epmd as a daemon; stop only one started since.
-        for pid in _epmd_pids() - epmd_before:
-            try:
-                psutil.Process(pid).terminate()
-            except psutil.NoSuchProcess:
-                pass
-
-    try:
-        peers.wait_for_listener(process, port, log_path, name=RABBITMQ, deadline_s=RABBITMQ_START_S)
-    except BaseException:
-        stop()
-        raise
-    return Target(name=RABBITMQ, port=port, username="guest", password="guest", version=rabbitmq_version(),
-                  cpu_seconds=lambda: peers.process_tree_cpu_seconds(process.pid),
-                  alive=lambda: process.poll() is None, log_tail=lambda: peers.read_tail(log_path), stop=stop)
+    """bench.rabbitmq's AMQP-only node, as this benchmark's Target."""
+    broker = rabbitmq.start_rabbitmq(workdir, setup=setup)
+    credentials = broker.credentials or peers.Credentials(username="guest", password="guest")
+    return Target(name=RABBITMQ, port=broker.port, username=credentials.username, password=credentials.password,
+                  version=broker.version, cpu_seconds=broker.cpu_seconds, alive=lambda: broker.process.poll() is None,
+                  log_tail=broker.log_tail, stop=broker.stop)
 
 
 # ---- the whole benchmark ----

@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import multiprocessing
 import os
 import secrets
 import statistics
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -247,6 +249,22 @@ def auth_yaml(variant: str, ttls: dict[str, str], *, url: str, timeout_s: float)
     return yaml.safe_dump({"auth": auth}, default_flow_style=None, sort_keys=False)
 
 
+def read_service_counts(service: peers.RunningBroker) -> AuthCounts:
+    """Calls to the reference service's RabbitMQ endpoints, as it counted them (`GET /stats`)."""
+    from gateway.auth_server import RABBITMQ_DENIED, RABBITMQ_RESOURCE, RABBITMQ_TOPIC, RABBITMQ_USER, RABBITMQ_VHOST
+
+    url = f"http://127.0.0.1:{service.port}/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            calls = json.load(response)["calls"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise peers.BrokerUnavailable(f"cannot read the auth service's {url}: {exc}") from exc
+    return AuthCounts(
+        authenticate=calls.get(RABBITMQ_USER, 0),
+        authorize=sum(calls.get(key, 0) for key in (RABBITMQ_VHOST, RABBITMQ_RESOURCE, RABBITMQ_TOPIC)),
+        not_allowed=calls.get(RABBITMQ_DENIED, 0))
+
+
 def read_counts(gateway: peers.RunningBroker) -> AuthCounts:
     if gateway.health_port is None:
         raise peers.BrokerUnavailable(f"{gateway.name} was started without its health listener")
@@ -421,7 +439,7 @@ def _start_services(transports: Sequence[str], root: Path, users_file: Path, ski
     return services
 
 
-def _service_url(service: peers.RunningBroker, transport: str) -> str:
+def service_url(service: peers.RunningBroker, transport: str) -> str:
     """What `auth.url` is for the service: host:port for gRPC, http://host:port for HTTP."""
     address = f"127.0.0.1:{service.port}"
     return address if transport == GRPC else f"http://{address}"
@@ -444,7 +462,7 @@ def run(options: AuthBenchOptions, *, log: Callable[[str], None] = lambda line: 
         try:
             services = _start_services(options.transports, root, root / "auth-users.yaml", skipped, log)
             variants = [NONE, *services]
-            urls = {transport: _service_url(service, transport) for transport, service in services.items()}
+            urls = {transport: service_url(service, transport) for transport, service in services.items()}
             phases = [(WARM, WARM_TTLS, [s for s in (WARM, STORM) if s in options.scenarios]),
                       (COLD, COLD_TTLS, [COLD] if COLD in options.scenarios else [])]
             for label, ttls, scenarios in phases:

@@ -257,7 +257,7 @@ def _run_mqtt_publisher(port: int, topic: str, conn: Any, options: LatencyOption
                              topic=topic, qos=0, size=0, username=USERNAME, password=PASSWORD)
     client = load.RawClient(config)
     try:
-        _publish_loop(lambda p: client.sock.sendall(load.PublishEncoder(topic, p, 0).encode(0)),
+        _publish_loop(lambda p: client.sock.sendall(load.publish_packet(topic, p)),
                       conn, options, latencies)
     finally:
         client.close()

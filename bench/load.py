@@ -10,7 +10,10 @@ blocking-socket MQTT 3.1.1 client of our own (one packet per write like a
 device, or `batch` packets gathered per write), because paho's per-packet
 Python overhead caps it at a few thousand messages/s, below the brokers.
 Both use the same topic and payload layout: the first payload byte says
-whether a message belongs to the warm-up or the measurement.
+whether a message belongs to the warm-up or the measurement, and the next 8
+(when the payload is that long) carry the publisher's CLOCK_MONOTONIC at send
+time in ns. That clock is system-wide on Linux, so the subscriber process
+reads end-to-end latency straight off each message.
 
 `storm_main` drives many raw connections from one process: every CONNECT is
 sent before any CONNACK is read, so the broker sees them all at once.
@@ -36,9 +39,12 @@ MEASURE = ord("M")
 # Publisher counters (indices into its shared array).
 P_CONNECTED, P_WARM_SENT, P_WARM_DONE, P_SENT, P_ACKED, P_T_START, P_T_END, P_DONE = range(8)
 PUBLISHER_SLOTS = 8
-# Subscriber counters.
-S_READY, S_WARM, S_COUNT, S_FIRST, S_LAST = range(5)
-SUBSCRIBER_SLOTS = 5
+# Subscriber counters; the latency percentiles are written once, when it stops.
+S_READY, S_WARM, S_COUNT, S_FIRST, S_LAST, S_LAT_N, S_LAT_P50_US, S_LAT_P99_US = range(8)
+SUBSCRIBER_SLOTS = 8
+#: Payload bytes 1..8: the send time (monotonic ns, big-endian).
+STAMP_END = 9
+MAX_LATENCY_SAMPLES = 2_000_000
 # Connection-storm counters (one process drives every connection of the storm).
 C_READY, C_CONNECTED, C_CONNECT_S, C_SENT, C_ACKED, C_DONE = range(6)
 STORM_SLOTS = 6
@@ -79,8 +85,10 @@ class LoadConfig:
     qos0_lead: int = 1000    # QoS 0: most messages a publisher may be ahead of the subscriber (0: unpaced)
     publishers: int = 1
 
-    def payload(self, phase: int) -> bytes:
-        return bytes([phase]) + b"x" * max(self.size - 1, 0)
+    def payload(self, phase: int, sent_ns: int = 0) -> bytes:
+        if self.size < STAMP_END:
+            return bytes([phase]) + b"x" * max(self.size - 1, 0)
+        return bytes([phase]) + sent_ns.to_bytes(8, "big") + b"x" * (self.size - STAMP_END)
 
 
 class LoadError(Exception):
@@ -121,22 +129,50 @@ def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
     return b"\x82" + _remaining_length(len(body)) + body
 
 
-class PublishEncoder:
-    """Precomputes everything but the packet id of a PUBLISH."""
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    """One QoS 0 PUBLISH of any payload."""
+    body = _utf8(topic) + payload
+    return b"\x30" + _remaining_length(len(body)) + body
 
-    def __init__(self, topic: str, payload: bytes, qos: int) -> None:
-        topic_field = _utf8(topic)
+
+class PublishEncoder:
+    """Precomputes everything but the packet id and the send-time stamp of a PUBLISH."""
+
+    def __init__(self, config: LoadConfig, marker: int, qos: int) -> None:
+        payload = config.payload(marker)
+        topic_field = _utf8(config.topic)
         id_len = 2 if qos else 0
         self._qos = qos
         self._head = bytes([0x30 | (qos << 1)]) + _remaining_length(len(topic_field) + id_len + len(payload))
         self._head += topic_field
-        self._payload = payload
-        self._whole = self._head + payload
+        self._stamped = len(payload) >= STAMP_END
+        self._marker = payload[:1]
+        self._rest = payload[STAMP_END:] if self._stamped else payload[1:]
 
-    def encode(self, packet_id: int) -> bytes:
-        if not self._qos:
-            return self._whole
-        return self._head + struct.pack("!H", packet_id) + self._payload
+    def encode(self, packet_id: int, sent_ns: int = 0) -> bytes:
+        stamp = sent_ns.to_bytes(8, "big") if self._stamped else b""
+        packet_id_field = struct.pack("!H", packet_id) if self._qos else b""
+        return b"".join((self._head, packet_id_field, self._marker, stamp, self._rest))
+
+
+class LatencyRecorder:
+    """End-to-end latencies of stamped measured messages, reported as percentiles when the run ends."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.enabled = config.size >= STAMP_END
+        self.samples: list[int] = []
+
+    def add(self, now_ns: int, payload: bytes | memoryview, offset: int = 0) -> None:
+        if self.enabled and len(self.samples) < MAX_LATENCY_SAMPLES:
+            self.samples.append(now_ns - int.from_bytes(payload[offset + 1:offset + STAMP_END], "big"))
+
+    def report(self, counters: Counters) -> None:
+        ordered = sorted(self.samples)
+        if not ordered:
+            return
+        counters[S_LAT_P50_US] = ordered[len(ordered) // 2] / 1000
+        counters[S_LAT_P99_US] = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] / 1000
+        counters[S_LAT_N] = len(ordered)
 
 
 class PacketReader:
@@ -242,17 +278,17 @@ def _qos0_room(config: LoadConfig, phase: _Phase, sent: int, sub_counters: Count
 def _raw_publish(client: RawClient, config: LoadConfig, phase: _Phase, counters: Counters,
                  sub_counters: Counters) -> int:
     """Publish up to `phase.count` messages within `phase.seconds`; returns how many were sent."""
-    encoder = PublishEncoder(config.topic, config.payload(phase.marker), config.qos)
+    encoder = PublishEncoder(config, phase.marker, config.qos)
     deadline = time.monotonic() + phase.seconds
     sent = 0
     if config.qos == 0:
-        packet = encoder.encode(0)
         while sent < phase.count and time.monotonic() < deadline:
             room = _qos0_room(config, phase, sent, sub_counters)
             if room <= 0:
                 time.sleep(PACE_POLL_S)
                 continue
-            client.sock.sendall(packet * room)
+            # One stamp per write: what the write holds leaves at once.
+            client.sock.sendall(encoder.encode(0, time.monotonic_ns()) * room)
             sent += room
             counters[phase.sent_slot] = sent
         return sent
@@ -264,9 +300,10 @@ def _raw_publish(client: RawClient, config: LoadConfig, phase: _Phase, counters:
         if room > 0 and time.monotonic() < deadline:
             for start in range(0, room, config.batch):
                 chunk = []
+                now_ns = time.monotonic_ns()
                 for _ in range(min(config.batch, room - start)):
                     packet_id = packet_id % 65535 + 1
-                    chunk.append(encoder.encode(packet_id))
+                    chunk.append(encoder.encode(packet_id, now_ns))
                 client.sock.sendall(b"".join(chunk))
             sent += room
             counters[phase.sent_slot] = sent
@@ -293,12 +330,14 @@ def _raw_subscribe(config: LoadConfig, counters: Counters, stop: _Event) -> None
         client.sock.settimeout(0.2)
         warm = count = 0
         first = 0.0
+        latencies = LatencyRecorder(config)
         while not stop.is_set():
             try:
                 packets = client.read_packets()
             except TimeoutError:
                 continue
-            now = time.monotonic()
+            now_ns = time.monotonic_ns()
+            now = now_ns / 1e9
             acks = []
             for header, body in packets:
                 if header & 0xF0 != 0x30:
@@ -316,6 +355,7 @@ def _raw_subscribe(config: LoadConfig, counters: Counters, stop: _Event) -> None
                     count += 1
                     if count == 1:
                         first = now
+                    latencies.add(now_ns, body, offset)
                 else:
                     warm += 1
             for start in range(0, len(acks), config.batch):
@@ -325,6 +365,7 @@ def _raw_subscribe(config: LoadConfig, counters: Counters, stop: _Event) -> None
                 counters[S_FIRST] = first
                 counters[S_LAST] = now
                 counters[S_COUNT] = count
+        latencies.report(counters)
     finally:
         client.close()
 
@@ -364,7 +405,7 @@ class _StormConnection:
         self.config = config
         self.sock = sock
         self.reader = PacketReader()
-        self.encoder = PublishEncoder(config.topic, config.payload(MEASURE), 1)
+        self.encoder = PublishEncoder(config, MEASURE, 1)
         self.connacked = False
         self.sent = self.acked = self.packet_id = 0
 
@@ -382,9 +423,10 @@ class _StormConnection:
             return 0
         for start in range(0, room, config.batch):
             chunk = []
+            now_ns = time.monotonic_ns()
             for _ in range(min(config.batch, room - start)):
                 self.packet_id = self.packet_id % 65535 + 1
-                chunk.append(self.encoder.encode(self.packet_id))
+                chunk.append(self.encoder.encode(self.packet_id, now_ns))
             self.sock.sendall(b"".join(chunk))
         self.sent += room
         return room
@@ -487,7 +529,6 @@ def _paho_client(config: LoadConfig) -> Any:
 
 def _paho_publish(client: Any, config: LoadConfig, phase: _Phase, counters: Counters,
                   sub_counters: Counters) -> int:
-    payload = config.payload(phase.marker)
     deadline = time.monotonic() + phase.seconds
     acked = [0]
 
@@ -504,7 +545,7 @@ def _paho_publish(client: Any, config: LoadConfig, phase: _Phase, counters: Coun
                 continue
             info = None
             for _ in range(room):
-                info = client.publish(config.topic, payload, qos=0)
+                info = client.publish(config.topic, config.payload(phase.marker, time.monotonic_ns()), qos=0)
             sent += room
             counters[phase.sent_slot] = sent
             # Bound paho's in-memory queue: let the socket take what was published first.
@@ -515,7 +556,7 @@ def _paho_publish(client: Any, config: LoadConfig, phase: _Phase, counters: Coun
         room = min(config.inflight - (sent - acked[0]), phase.count - sent)
         if room > 0 and time.monotonic() < deadline:
             for _ in range(room):
-                client.publish(config.topic, payload, qos=config.qos)
+                client.publish(config.topic, config.payload(phase.marker, time.monotonic_ns()), qos=config.qos)
             sent += room
             counters[phase.sent_slot] = sent
         elif time.monotonic() > deadline + ACK_DRAIN_S:
@@ -554,13 +595,16 @@ def _paho_subscriber(config: LoadConfig, counters: Counters, stop: _Event) -> No
     client = _paho_client(config)
     state = {"warm": 0, "count": 0}
     subacked: dict[str, Any] = {}
+    latencies = LatencyRecorder(config)
 
     def on_subscribe(_client: Any, _userdata: Any, _mid: int, reason_codes: Any, _props: Any) -> None:
         subacked["codes"] = reason_codes
 
     def on_message(_client: Any, _userdata: Any, message: Any) -> None:
         if message.payload[0] == MEASURE:
-            now = time.monotonic()
+            now_ns = time.monotonic_ns()
+            now = now_ns / 1e9
+            latencies.add(now_ns, message.payload)
             state["count"] += 1
             if state["count"] == 1:
                 counters[S_FIRST] = now
@@ -584,6 +628,7 @@ def _paho_subscriber(config: LoadConfig, counters: Counters, stop: _Event) -> No
         counters[S_READY] = 1
         while not stop.is_set():
             client.loop(timeout=0.2)
+        latencies.report(counters)
     finally:
         client.disconnect()
 

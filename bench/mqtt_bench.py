@@ -1,10 +1,18 @@
-"""`python -m bench mqtt`: broker CPU per delivered message, Polygate against its peers.
+"""`python -m bench mqtt`: publish -> subscribe through each broker, Polygate against its peers.
 
-Each broker is started on a free loopback port and driven by the same load:
-publisher and subscriber processes (bench.load), a warm-up, then a measured
-window. Broker CPU (user + sys, from psutil) is sampled right before and after
-the window and divided by the messages delivered in it. Ratios compare brokers
-measured in the same run only, so the machine's speed cancels out.
+Each broker of the line-up (bench.mqtt_lineup: Polygate with providers none,
+local, callout over gRPC and HTTP with warm caches and with every TTL at 0s;
+Mosquitto, amqtt, and RabbitMQ's MQTT plugin with its cached HTTP auth
+backend) is started on a free loopback port and driven by the same load in
+every cell of the matrix (QoS x payload size x publishers): publisher
+processes and one subscriber process (bench.load), a warm-up, then a measured
+window. Per cell and broker it reports msgs/s, end-to-end latency p50/p99
+(send stamp in the payload, read by the subscriber), and the broker's CPU
+(user + sys of its process tree, psutil) per delivered message; the reference
+auth service's CPU is shown apart. Ratios compare brokers measured in the same
+run and cell only, so the machine's speed cancels out. A load process that
+used >= 90% of a CPU marks its row "load-bound": msgs/s there is the load
+side's limit, not the broker's.
 """
 
 from __future__ import annotations
@@ -26,16 +34,23 @@ from pathlib import Path
 from typing import Any
 
 from bench.entry import bench_main
-from bench import load, peers
+from bench import auth_bench, load, mqtt_lineup, peers
 
-DEFAULT_BROKERS = (peers.POLYGATE_LOCAL, peers.POLYGATE_NONE, peers.MOSQUITTO, peers.AMQTT)
+DEFAULT_BROKERS = mqtt_lineup.DEFAULT
 SATURATED_CPU_PCT = 90.0   # a load process this busy may be what limits the rate
-# Targets named by the issue, at QoS 1 with the local provider and warm caches.
 TARGET_QOS = 1
+# Issue 10: Polygate with `local` against Mosquitto and amqtt.
 TARGET_MAX_VS_MOSQUITTO = 1.5
 TARGET_MIN_BELOW_AMQTT = 10.0
+# Issue 14: Polygate with warm-cache callout auth against Mosquitto, RabbitMQ and `none`.
+TARGET_CALLOUT_MAX_VS_MOSQUITTO = 1.2
+TARGET_CALLOUT_MAX_VS_RABBITMQ = 0.5
+TARGET_CALLOUT_MAX_VS_NONE = 1.05
+WARM_CALLOUT = (mqtt_lineup.POLYGATE_GRPC, mqtt_lineup.POLYGATE_HTTP)
+# CPU times come in 10 ms ticks; a ratio landing exactly on a target must not miss it by rounding.
+RATIO_EPSILON = 1e-9
 
-READY_DEADLINE_S = 20.0
+READY_DEADLINE_S = 60.0    # 50 publisher processes start at once on a small machine
 WARM_DRAIN_DEADLINE_S = 20.0
 SETTLE_S = 1.0             # no new delivery for this long: the rest is lost
 POLL_S = 0.01
@@ -47,8 +62,10 @@ class BenchOptions:
     qos_levels: tuple[int, ...] = (0, 1)
     messages: int = 50_000          # measured messages per run (split across publishers)
     seconds: float = 10.0           # cap on the measured publishing time per run
-    size: int = 100
-    publishers: int = 1
+    size: int = 100                 # of the cell being measured
+    publishers: int = 1             # of the cell being measured
+    sizes: tuple[int, ...] = ()     # the matrix; () is (size,)
+    publisher_counts: tuple[int, ...] = ()   # the matrix; () is (publishers,)
     warmup_messages: int = 2_000
     warmup_seconds: float = 2.0
     client: str = load.CLIENT_RAW
@@ -58,23 +75,29 @@ class BenchOptions:
     setup: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.brokers if name not in peers.BROKER_NAMES]
+        unknown = [name for name in self.brokers if name not in mqtt_lineup.NAMES]
         if unknown:
-            raise ValueError(f"unknown broker(s) {', '.join(unknown)}; choose from {', '.join(peers.BROKER_NAMES)}")
+            raise ValueError(f"unknown broker(s) {', '.join(unknown)}; choose from {', '.join(mqtt_lineup.NAMES)}")
         if not self.brokers:
             raise ValueError("name at least one broker")
         if not self.qos_levels or any(qos not in (0, 1) for qos in self.qos_levels):
             raise ValueError("--qos takes 0 and/or 1")
         if self.client not in load.CLIENTS:
             raise ValueError(f"--client must be one of {', '.join(load.CLIENTS)}")
-        if min(self.messages, self.publishers, self.inflight, self.batch) < 1 or self.seconds <= 0:
+        if min(self.messages, self.publishers, self.inflight, self.batch, *self.publisher_counts) < 1 \
+                or self.seconds <= 0:
             raise ValueError("--messages, --publishers, --inflight, --batch and --seconds must be positive")
         if self.qos0_lead < 0:
             raise ValueError("--qos0-lead cannot be negative (0 turns QoS 0 pacing off)")
-        if self.size < 1:
+        if min((self.size, *self.sizes)) < 1:
             raise ValueError("--size must be at least 1 byte (the first byte marks warm-up vs measured)")
         if self.warmup_messages < 0 or self.warmup_seconds < 0:
             raise ValueError("warm-up count and time cannot be negative")
+
+    def cells(self) -> list[BenchOptions]:
+        """One options object per (size, publishers) of the matrix."""
+        return [dataclasses.replace(self, size=size, publishers=publishers, sizes=(), publisher_counts=())
+                for size in self.sizes or (self.size,) for publishers in self.publisher_counts or (self.publishers,)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +116,21 @@ class Measurement:
     publisher_cpu_pct: float     # the busiest publisher process
     subscriber_cpu_pct: float
     load_saturated: bool
+    size: int = 100
+    publishers: int = 1
+    latency_p50_ms: float | None = None   # None: payload too small to carry a send stamp
+    latency_p99_ms: float | None = None
+    #: The reference auth service's CPU per delivered message (brokers that call out).
+    auth_service_cpu_us_per_msg: float | None = None
+    #: Callouts made and auth decisions taken during warm-up and window (Polygate with callout).
+    callouts: int | None = None
+    auth_decisions: int | None = None
+    #: Callouts expected from distinct identities and topics alone (warm caches).
+    expected_callouts: int | None = None
+
+    @property
+    def cell(self) -> tuple[int, int, int]:
+        return (self.qos, self.size, self.publishers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +138,8 @@ class Skipped:
     broker: str
     qos: int | None
     reason: str
+    size: int | None = None
+    publishers: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +147,8 @@ class Ratio:
     name: str
     qos: int
     value: float
+    size: int = 100
+    publishers: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +191,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "loadavg": list(os.getloadavg()),
     }
 
 
@@ -216,9 +259,18 @@ def cpu_of(processes: list[Any]) -> list[float]:
     return [peers.process_tree_cpu_seconds(p.pid) for p in processes]
 
 
-def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Measurement:
-    """Drive one running broker at one QoS and return the figures of the measured window."""
-    ctx = multiprocessing.get_context("spawn")
+def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions, *,
+            auth_service: peers.RunningBroker | None = None,
+            callout_counts: Callable[[], auth_bench.AuthCounts] | None = None) -> Measurement:
+    """Drive one running broker at one QoS and return the figures of the measured window.
+
+    `auth_service`: the reference service the broker calls out to, whose CPU is
+    reported apart. `callout_counts`: read around the run for the callouts made
+    (and, from Polygate's `/metrics`, the auth decisions taken).
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    # Up to 50 publishers start at once: fork them from one warm process, not 50 cold interpreters.
+    ctx.set_forkserver_preload(["bench.load"])
     run_id = secrets.token_hex(4)
     topic = f"{peers.BENCH_TOPIC_ROOT}/{run_id}/q{qos}"
     creds = broker.credentials
@@ -230,7 +282,7 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Mea
     }
     per_publisher = [options.messages // options.publishers + (1 if i < options.messages % options.publishers else 0)
                      for i in range(options.publishers)]
-    warm_per_publisher = max(options.warmup_messages // options.publishers, 0)
+    warm_per_publisher = max(options.warmup_messages // options.publishers, 1 if options.warmup_messages else 0)
     errors = ctx.Queue()
     stop, go_warm, go_measure = ctx.Event(), ctx.Event(), ctx.Event()
     sub_counters = ctx.RawArray("d", load.SUBSCRIBER_SLOTS)
@@ -240,11 +292,12 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Mea
         load.LoadConfig(client_id=f"bench-pub{i}-{run_id}", warmup_messages=warm_per_publisher,
                         warmup_seconds=options.warmup_seconds, messages=count, seconds=options.seconds, **base)
         for i, count in enumerate(per_publisher)]
+    counts_before = callout_counts() if callout_counts else None
 
     sub_target = (load.subscriber_main, (sub_config, sub_counters, stop, errors))
     pub_targets = [(load.publisher_main, (config, counters, sub_counters, go_warm, go_measure, stop, errors))
                    for config, counters in zip(pub_configs, pub_counters)]
-    # All start at once (each spawn costs a Python start-up); publishers send nothing before go_warm.
+    # All start at once; publishers send nothing before go_warm.
     with worker_processes(ctx, [sub_target, *pub_targets], stop) as everyone:
         subs, pubs = everyone[:1], everyone[1:]
         poll_until(lambda: sub_counters[load.S_READY] == 1
@@ -257,6 +310,7 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Mea
         wait_settled(lambda: sub_counters[load.S_WARM], warm_sent, WARM_DRAIN_DEADLINE_S, errors, everyone)
 
         broker_cpu_before = broker.cpu_seconds()
+        service_cpu_before = auth_service.cpu_seconds() if auth_service else 0.0
         pub_cpu_before, sub_cpu_before = cpu_of(pubs), cpu_of(subs)
         t_before = time.monotonic()
         go_measure.set()
@@ -266,10 +320,14 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Mea
         wait_settled(lambda: sub_counters[load.S_COUNT], sent, options.seconds + 30, errors, everyone)
         t_after = time.monotonic()
         broker_cpu_after = broker.cpu_seconds()
+        service_cpu_after = auth_service.cpu_seconds() if auth_service else 0.0
         pub_cpu_after, sub_cpu_after = cpu_of(pubs), cpu_of(subs)
         received = int(sub_counters[load.S_COUNT])
         first, last = sub_counters[load.S_FIRST], sub_counters[load.S_LAST]
         raise_worker_errors(errors, [])
+    # The subscriber writes its latency percentiles as it stops (the block above stopped it).
+    latency_n = sub_counters[load.S_LAT_N]
+    counts = callout_counts() - counts_before if callout_counts and counts_before is not None else None
 
     if received == 0:
         raise RunFailed(f"no measured message reached the subscriber ({sent} sent); "
@@ -284,110 +342,211 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions) -> Mea
     pub_busy = max((a - b) / active * 100.0 for a, b in zip(pub_cpu_after, pub_cpu_before))
     sub_busy = max((a - b) / active * 100.0 for a, b in zip(sub_cpu_after, sub_cpu_before))
     return Measurement(
-        broker=broker.name, qos=qos, sent=sent, received=received, lost=sent - received,
+        broker=broker.name, qos=qos, size=options.size, publishers=options.publishers,
+        sent=sent, received=received, lost=sent - received,
         window_s=window, delivery_s=delivery,
         msgs_per_s=received / delivery if received > 1 else 0.0,
         broker_cpu_s=broker_cpu, cpu_us_per_msg=broker_cpu / received * 1e6,
         broker_cpu_pct=100.0 * broker_cpu / window,
         publisher_cpu_pct=pub_pct, subscriber_cpu_pct=sub_pct,
-        load_saturated=max(pub_busy, sub_busy) >= SATURATED_CPU_PCT)
+        load_saturated=max(pub_busy, sub_busy) >= SATURATED_CPU_PCT,
+        latency_p50_ms=sub_counters[load.S_LAT_P50_US] / 1000 if latency_n else None,
+        latency_p99_ms=sub_counters[load.S_LAT_P99_US] / 1000 if latency_n else None,
+        auth_service_cpu_us_per_msg=(max(service_cpu_after - service_cpu_before, 0.0) / received * 1e6
+                                     if auth_service else None),
+        callouts=counts.authenticate + counts.authorize if counts else None,
+        auth_decisions=counts.decisions if counts and counts.decisions else None,
+        # Polygate: one authenticate per connection (its key holds the client id), one authorize
+        # per (identity, action, topic): the subscription and the publishers' topic.
+        expected_callouts=options.publishers + 1 + 2 if counts and counts.decisions else None)
 
 
 # ---- the whole benchmark ----
 
-def _find(measurements: list[Measurement], broker: str, qos: int) -> Measurement | None:
-    return next((m for m in measurements if m.broker == broker and m.qos == qos), None)
+def _find(measurements: Sequence[Measurement], broker: str, cell: tuple[int, int, int]) -> Measurement | None:
+    return next((m for m in measurements if m.broker == broker and m.cell == cell), None)
 
 
+#: The baselines every row is compared with, in the table and in the ratios.
+BASELINES = (peers.POLYGATE_NONE, peers.MOSQUITTO, mqtt_lineup.RABBITMQ_MQTT)
 RATIO_PAIRS = (
+    *((gateway, baseline) for gateway in WARM_CALLOUT for baseline in BASELINES),
     (peers.POLYGATE_LOCAL, peers.MOSQUITTO),
     (peers.POLYGATE_LOCAL, peers.AMQTT),
     (peers.POLYGATE_LOCAL, peers.POLYGATE_NONE),
     (peers.POLYGATE_ACL, peers.POLYGATE_LOCAL),
+    (mqtt_lineup.POLYGATE_GRPC_TTL0, peers.POLYGATE_NONE),
+    (mqtt_lineup.POLYGATE_HTTP_TTL0, peers.POLYGATE_NONE),
     (peers.POLYGATE_NONE, peers.MOSQUITTO),
     (peers.AMQTT, peers.MOSQUITTO),
+    (mqtt_lineup.RABBITMQ_MQTT, peers.MOSQUITTO),
 )
 
 
-def compute_ratios(measurements: list[Measurement], qos_levels: Sequence[int]) -> list[Ratio]:
+def _cells(measurements: Sequence[Measurement]) -> list[tuple[int, int, int]]:
+    return sorted({m.cell for m in measurements})
+
+
+def compute_ratios(measurements: Sequence[Measurement], qos_levels: Sequence[int] = (0, 1)) -> list[Ratio]:
     ratios = []
-    for qos in qos_levels:
+    for cell in _cells(measurements):
+        qos, size, publishers = cell
+        if qos not in qos_levels:
+            continue
         for numerator, denominator in RATIO_PAIRS:
-            top, bottom = _find(measurements, numerator, qos), _find(measurements, denominator, qos)
+            top, bottom = _find(measurements, numerator, cell), _find(measurements, denominator, cell)
             if top and bottom and bottom.cpu_us_per_msg > 0:
-                ratios.append(Ratio(name=f"{numerator}/{denominator}", qos=qos,
+                ratios.append(Ratio(name=f"{numerator}/{denominator}", qos=qos, size=size, publishers=publishers,
                                     value=top.cpu_us_per_msg / bottom.cpu_us_per_msg))
     return ratios
 
 
-def evaluate_targets(measurements: list[Measurement]) -> list[Target]:
-    polygate = _find(measurements, peers.POLYGATE_LOCAL, TARGET_QOS)
-    mosquitto = _find(measurements, peers.MOSQUITTO, TARGET_QOS)
-    amqtt = _find(measurements, peers.AMQTT, TARGET_QOS)
-    targets = []
-    description = (f"QoS {TARGET_QOS}: polygate (local) CPU/msg <= {TARGET_MAX_VS_MOSQUITTO}x mosquitto's")
-    if polygate and mosquitto:
-        ratio = polygate.cpu_us_per_msg / mosquitto.cpu_us_per_msg
-        targets.append(Target(description=description, met=ratio <= TARGET_MAX_VS_MOSQUITTO,
-                              detail=f"{polygate.cpu_us_per_msg:.1f} vs {mosquitto.cpu_us_per_msg:.1f} µs "
-                                     f"= {ratio:.2f}x"))
+def _cell_text(cell: tuple[int, int, int]) -> str:
+    qos, size, publishers = cell
+    return f"QoS {qos}, {size} B, {publishers} pub"
+
+
+def _ratio_target(measurements: Sequence[Measurement], cell: tuple[int, int, int], name: str, baseline: str,
+                  limit: float, *, at_most: bool = True) -> Target:
+    """`name`'s CPU per message over `baseline`'s in one cell, held to `limit`."""
+    if at_most:
+        description = f"{_cell_text(cell)}: {name} CPU/msg <= {limit:g}x {baseline}'s"
     else:
-        targets.append(Target(description=description, met=None, detail="polygate or mosquitto not measured"))
-    description = f"QoS {TARGET_QOS}: polygate (local) CPU/msg >= {TARGET_MIN_BELOW_AMQTT:.0f}x below amqtt's"
-    if polygate and amqtt:
-        factor = amqtt.cpu_us_per_msg / polygate.cpu_us_per_msg
-        targets.append(Target(description=description, met=factor >= TARGET_MIN_BELOW_AMQTT,
-                              detail=f"{amqtt.cpu_us_per_msg:.1f} vs {polygate.cpu_us_per_msg:.1f} µs "
-                                     f"= {factor:.1f}x below"))
-    else:
-        targets.append(Target(description=description, met=None, detail="polygate or amqtt not measured"))
-    return targets
+        description = f"{_cell_text(cell)}: {name} CPU/msg >= {limit:g}x below {baseline}'s"
+    top, bottom = _find(measurements, name, cell), _find(measurements, baseline, cell)
+    if not top or not bottom or top.cpu_us_per_msg <= 0 or bottom.cpu_us_per_msg <= 0:
+        return Target(description=description, met=None, detail=f"{name} or {baseline} not measured")
+    ratio = top.cpu_us_per_msg / bottom.cpu_us_per_msg
+    if at_most:
+        return Target(description=description, met=ratio <= limit + RATIO_EPSILON,
+                      detail=f"{top.cpu_us_per_msg:.1f} vs {bottom.cpu_us_per_msg:.1f} µs = {ratio:.2f}x")
+    return Target(description=description, met=1 / ratio >= limit - RATIO_EPSILON,
+                  detail=f"{bottom.cpu_us_per_msg:.1f} vs {top.cpu_us_per_msg:.1f} µs = {1 / ratio:.1f}x below")
+
+
+def _callout_target(measurements: Sequence[Measurement], cell: tuple[int, int, int], name: str) -> Target:
+    description = f"{_cell_text(cell)}: {name} callouts = distinct identities and topics"
+    m = _find(measurements, name, cell)
+    if not m or m.callouts is None or m.expected_callouts is None:
+        return Target(description=description, met=None, detail=f"{name} callouts not counted")
+    per_10k = 10_000 * m.callouts / m.auth_decisions if m.auth_decisions else 0.0
+    return Target(description=description, met=m.callouts <= m.expected_callouts,
+                  detail=f"{m.callouts} callouts for {m.auth_decisions:,} auth decisions ({per_10k:.1f} per 10,000); "
+                         f"{m.expected_callouts} distinct ({m.publishers + 1} connections + subscribe + publish)")
+
+
+def evaluate_targets(measurements: Sequence[Measurement], brokers: Sequence[str] | None = None) -> list[Target]:
+    """Every target the issues name, in each QoS 1 cell measured (none measured: the 100 B, 1-publisher cell).
+
+    With `brokers` (those the run was asked for), targets about brokers nobody asked for are left out.
+    """
+    targets: list[Target] = []
+    cells = [cell for cell in _cells(measurements) if cell[0] == TARGET_QOS] or [(TARGET_QOS, 100, 1)]
+    for cell in cells:
+        targets.append(_ratio_target(measurements, cell, peers.POLYGATE_LOCAL, peers.MOSQUITTO,
+                                     TARGET_MAX_VS_MOSQUITTO))
+        targets.append(_ratio_target(measurements, cell, peers.POLYGATE_LOCAL, peers.AMQTT,
+                                     TARGET_MIN_BELOW_AMQTT, at_most=False))
+        for gateway in WARM_CALLOUT:
+            targets.append(_ratio_target(measurements, cell, gateway, peers.MOSQUITTO,
+                                         TARGET_CALLOUT_MAX_VS_MOSQUITTO))
+            targets.append(_ratio_target(measurements, cell, gateway, mqtt_lineup.RABBITMQ_MQTT,
+                                         TARGET_CALLOUT_MAX_VS_RABBITMQ))
+            targets.append(_ratio_target(measurements, cell, gateway, peers.POLYGATE_NONE,
+                                         TARGET_CALLOUT_MAX_VS_NONE))
+            targets.append(_callout_target(measurements, cell, gateway))
+    if brokers is None:
+        return targets
+    return [t for t in targets if all(name in brokers for name in _names_in(t.description))]
+
+
+def _names_in(description: str) -> list[str]:
+    """The line-up names a target's description mentions (the longest match wins: polygate-grpc, not polygate)."""
+    words = description.replace("'s", " ").replace(":", " ").split()
+    return [word for word in words if word in mqtt_lineup.NAMES]
 
 
 def run(options: BenchOptions, *, log: Callable[[str], None] = lambda line: None,
         keep_dir: Path | None = None) -> BenchReport:
-    """Start each broker in turn, measure it at each QoS, stop it; never leaves a process behind.
+    """Start each broker in turn, measure it in every cell, stop it; never leaves a process behind.
 
     `keep_dir` keeps each broker's working files (config, database, log) there instead of in a
     temporary directory removed at the end.
     """
     machine = machine_info()
-    versions = {"paho-mqtt": peers.package_version("paho-mqtt"), "psutil": peers.package_version("psutil")}
+    versions = {"paho-mqtt": peers.package_version("paho-mqtt"), "psutil": peers.package_version("psutil"),
+                "uvloop": peers.package_version("uvloop")}
     measurements: list[Measurement] = []
     skipped: list[Skipped] = []
+    cells = options.cells()
     with tempfile.TemporaryDirectory(prefix="polygate-bench-") as tmp:
         root = Path(tmp) if keep_dir is None else keep_dir
-        for name in options.brokers:
-            workdir = root / name
-            workdir.mkdir(parents=True, exist_ok=keep_dir is None)
-            log(f"starting {name} ...")
-            try:
-                broker = peers.start_broker(name, workdir, setup=options.setup)
-            except peers.BrokerUnavailable as exc:
-                log(f"skipping {name}: {exc}")
-                skipped.append(Skipped(broker=name, qos=None, reason=str(exc)))
-                continue
-            try:
-                versions[name] = broker.version
-                for qos in options.qos_levels:
-                    log(f"  {name} QoS {qos}: warming up and measuring ...")
-                    try:
-                        result = measure(broker, qos, options)
-                    except RunFailed as exc:
-                        log(f"  {name} QoS {qos} failed: {exc}")
-                        skipped.append(Skipped(broker=name, qos=qos, reason=str(exc)))
-                        continue
-                    measurements.append(result)
-                    log(f"  {name} QoS {qos}: {result.received} delivered, {result.msgs_per_s:,.0f} msg/s, "
-                        f"{result.cpu_us_per_msg:.1f} µs CPU/msg")
-            finally:
-                broker.stop()
+        root.mkdir(parents=True, exist_ok=True)
+        with mqtt_lineup.lineup(root, setup=options.setup) as brokers:
+            for name in options.brokers:
+                log(f"starting {name} ...")
+                try:
+                    started = brokers.start(name)
+                except peers.BrokerUnavailable as exc:
+                    log(f"skipping {name}: {exc}")
+                    skipped.append(Skipped(broker=name, qos=None, reason=str(exc)))
+                    continue
+                try:
+                    versions[name] = started.broker.version
+                    for cell in cells:
+                        for qos in options.qos_levels:
+                            result = _measure_cell(started, qos, cell, skipped, log)
+                            if result is not None:
+                                measurements.append(result)
+                finally:
+                    started.broker.stop()
     return BenchReport(options=options, machine=machine, versions=versions, measurements=measurements,
                        skipped=skipped, ratios=compute_ratios(measurements, options.qos_levels),
-                       targets=evaluate_targets(measurements))
+                       targets=evaluate_targets(measurements, options.brokers))
+
+
+def _measure_cell(started: mqtt_lineup.Started, qos: int, cell: BenchOptions, skipped: list[Skipped],
+                  log: Callable[[str], None]) -> Measurement | None:
+    name = started.broker.name
+    where = f"{name} {_cell_text((qos, cell.size, cell.publishers))}"
+    log(f"  {where}: warming up and measuring ...")
+    try:
+        result = measure(started.broker, qos, cell, auth_service=started.auth_service,
+                         callout_counts=started.callout_counts)
+    except (RunFailed, peers.BrokerUnavailable) as exc:
+        log(f"  {where} failed: {exc}")
+        skipped.append(Skipped(broker=name, qos=qos, size=cell.size, publishers=cell.publishers, reason=str(exc)))
+        return None
+    log(f"  {where}: {result.received} delivered, {result.msgs_per_s:,.0f} msg/s, "
+        f"{result.cpu_us_per_msg:.1f} µs CPU/msg")
+    return result
 
 
 # ---- output ----
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _vs(m: Measurement, measurements: Sequence[Measurement], baseline: str) -> str:
+    other = _find(measurements, baseline, m.cell)
+    if other is None or other.cpu_us_per_msg <= 0 or m.broker == baseline:
+        return ""
+    return f"{m.cpu_us_per_msg / other.cpu_us_per_msg:.2f}x"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> list[str]:
+    """Columns padded to their widest cell; the `left` ones left-aligned, the rest right-aligned."""
+    everything = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in everything) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(everything):
+        lines.append("  ".join(cell.ljust(width) if i in left else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
+
 
 def format_report(report: BenchReport) -> str:
     options, machine = report.options, report.machine
@@ -399,30 +558,33 @@ def format_report(report: BenchReport) -> str:
         f"machine: {machine['nproc']} CPUs usable ({machine['cpu_model']}), Python {machine['python']}, "
         f"{machine['platform']}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()),
-        f"load: {options.publishers} publisher process(es) + 1 subscriber process, client {client}; "
-        f"{options.size}-byte payloads, {options.messages} measured messages (cap {options.seconds:g} s) after "
-        f"{options.warmup_messages} warm-up, QoS 1 window {options.inflight}",
-        "",
+        f"load: publisher processes (one connection each) + 1 subscriber process, client {client}; "
+        f"{options.messages} measured messages per run (cap {options.seconds:g} s) after "
+        f"{options.warmup_messages} warm-up; QoS 1 window {options.inflight} per publisher",
+        "CPU µs/msg: the broker's process tree per delivered message; auth µs/msg: the reference auth "
+        "service's, apart; vs-columns: CPU/msg over that baseline's in the same cell",
     ]
-    header = ("broker", "qos", "sent", "received", "lost", "msgs/s", "CPU µs/msg", "broker CPU%",
-              "pub CPU%", "sub CPU%", "note")
-    rows = [header]
-    for m in report.measurements:
-        rows.append((m.broker, str(m.qos), str(m.sent), str(m.received), str(m.lost), f"{m.msgs_per_s:,.0f}",
-                     f"{m.cpu_us_per_msg:.1f}", f"{m.broker_cpu_pct:.0f}", f"{m.publisher_cpu_pct:.0f}",
-                     f"{m.subscriber_cpu_pct:.0f}", "load-bound" if m.load_saturated else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(width) if i in (0, 10) else cell.rjust(width)
-                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
+    header = ("broker", "qos", "size", "pubs", "msgs/s", "p50 ms", "p99 ms", "CPU µs/msg", "auth µs/msg",
+              "vs none", "vs mosquitto", "vs rabbitmq", "callouts", "lost", "note")
+    for cell in _cells(report.measurements):
+        rows = []
+        for m in (m for m in report.measurements if m.cell == cell):
+            rows.append((m.broker, str(m.qos), str(m.size), str(m.publishers), f"{m.msgs_per_s:,.0f}",
+                         _ms(m.latency_p50_ms), _ms(m.latency_p99_ms), f"{m.cpu_us_per_msg:.1f}",
+                         "" if m.auth_service_cpu_us_per_msg is None else f"{m.auth_service_cpu_us_per_msg:.1f}",
+                         _vs(m, report.measurements, peers.POLYGATE_NONE),
+                         _vs(m, report.measurements, peers.MOSQUITTO),
+                         _vs(m, report.measurements, mqtt_lineup.RABBITMQ_MQTT),
+                         "" if m.callouts is None else f"{m.callouts}/{m.auth_decisions or '-'}",
+                         str(m.lost), "load-bound" if m.load_saturated else ""))
+        lines += ["", f"{_cell_text(cell)}:"] + format_table(header, rows, left=(0, 14))
     if any(m.load_saturated for m in report.measurements):
         lines.append(f"load-bound: a publisher or the subscriber used >= {SATURATED_CPU_PCT:.0f}% of a CPU while "
                      "messages flowed, so msgs/s there is the load side's limit, not the broker's")
-    if report.ratios:
-        lines += ["", "CPU-per-message ratios (same run):"]
-        lines += [f"  QoS {r.qos}  {r.name:<28} {r.value:6.2f}x" for r in report.ratios]
+    if any(m.callouts is not None for m in report.measurements):
+        lines.append("callouts: callouts made / auth decisions taken (connects, subscribes, publishes), "
+                     "warm-up included, from the gateway's /metrics; rabbitmq-mqtt: the calls the auth service "
+                     "counted (its decisions are not exported)")
     lines += ["", "targets:"]
     for target in report.targets:
         verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target.met]
@@ -430,7 +592,11 @@ def format_report(report: BenchReport) -> str:
     if report.skipped:
         lines += ["", "skipped:"]
         for skip in report.skipped:
-            where = skip.broker if skip.qos is None else f"{skip.broker} QoS {skip.qos}"
+            where = skip.broker
+            if skip.qos is not None:
+                where += f" QoS {skip.qos}"
+            if skip.size is not None:
+                where += f", {skip.size} B, {skip.publishers} pub"
             reason = skip.reason.replace("\n", "\n      ")
             lines.append(f"  {where}: {reason}")
     return "\n".join(lines)
@@ -440,6 +606,10 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _csv(text))
+
+
 def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | None]:
     parser = argparse.ArgumentParser(prog="python -m bench mqtt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -447,10 +617,13 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | N
     parser.add_argument("--messages", type=int, default=50_000,
                         help="measured messages per run, split across publishers (default 50000)")
     parser.add_argument("--qos", default="0,1", help="QoS levels, e.g. 0,1 (default)")
-    parser.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
-    parser.add_argument("--publishers", type=int, default=1, help="publisher processes (default 1)")
+    parser.add_argument("--size", default="100", help="payload bytes, one or more: e.g. 100,4096 (default 100)")
+    parser.add_argument("--publishers", default="1",
+                        help="publisher processes, one or more: e.g. 1,50 (default 1)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="the issue's matrix: --size 100,4096 --publishers 1,50 (QoS from --qos)")
     parser.add_argument("--brokers", default=",".join(DEFAULT_BROKERS),
-                        help=f"comma-separated, from {', '.join(peers.BROKER_NAMES)} (default: %(default)s)")
+                        help=f"comma-separated, from {', '.join(mqtt_lineup.NAMES)} (default: %(default)s)")
     parser.add_argument("--acl-user", action="store_true",
                         help=f"also run {peers.POLYGATE_ACL}: local provider, a non-superuser with an ACL")
     parser.add_argument("--client", choices=load.CLIENTS, default=load.CLIENT_RAW,
@@ -463,7 +636,8 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | N
     parser.add_argument("--warmup-messages", type=int, default=2_000, help="warm-up messages (default 2000)")
     parser.add_argument("--warmup-seconds", type=float, default=2.0, help="cap on the warm-up (default 2)")
     parser.add_argument("--setup", action="store_true",
-                        help="install missing peers (apt-get install mosquitto; pip install amqtt)")
+                        help="install missing peers (apt-get install mosquitto mosquitto-clients rabbitmq-server; "
+                             "pip install amqtt)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep each broker's config, database and log under DIR (default: a temp dir, removed)")
@@ -473,17 +647,16 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | N
         brokers.insert(brokers.index(peers.POLYGATE_LOCAL) + 1 if peers.POLYGATE_LOCAL in brokers else 0,
                        peers.POLYGATE_ACL)
     try:
-        qos_levels = tuple(int(q) for q in _csv(args.qos))
+        sizes = (100, 4096) if args.matrix else _ints(args.size)
+        publisher_counts = (1, 50) if args.matrix else _ints(args.publishers)
         options = BenchOptions(
-            brokers=tuple(brokers), qos_levels=qos_levels, messages=args.messages, seconds=args.seconds,
-            size=args.size, publishers=args.publishers, warmup_messages=args.warmup_messages,
-            warmup_seconds=args.warmup_seconds, client=args.client, inflight=args.inflight, batch=args.batch,
-            qos0_lead=args.qos0_lead, setup=args.setup)
-    except ValueError as exc:
-        parser.error(str(exc))
+            brokers=tuple(brokers), qos_levels=_ints(args.qos), messages=args.messages, seconds=args.seconds,
+            size=sizes[0], publishers=publisher_counts[0], sizes=sizes, publisher_counts=publisher_counts,
+            warmup_messages=args.warmup_messages, warmup_seconds=args.warmup_seconds, client=args.client,
+            inflight=args.inflight, batch=args.batch, qos0_lead=args.qos0_lead, setup=args.setup)
+    except (ValueError, IndexError) as exc:
+        parser.error(str(exc) or "--size and --publishers need at least one value")
     return options, args.json, args.keep
-
-
 
 
 def main(argv: Sequence[str]) -> int:

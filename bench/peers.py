@@ -253,6 +253,10 @@ def start_mosquitto(workdir: Path, *, setup: bool) -> RunningBroker:
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
         "persistence false\n"
+        # Its default of 1000 queued messages per client drops QoS 1 messages a
+        # busy subscriber cannot take yet; Polygate holds the publisher back
+        # instead. A large bound keeps the two doing the same work.
+        "max_queued_messages 1000000\n"
         "log_dest stderr\n"
         "log_type error\nlog_type warning\n")
     process, log_path = launch([path, "-c", str(conf)], name=MOSQUITTO, port=port, workdir=workdir)

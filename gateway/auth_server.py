@@ -6,7 +6,11 @@ live in `AuthService` (no I/O besides hashing), and each transport is a thin
 adapter around it.
 
 - gRPC: `AuthService` of `broker.auth.v1` and of `fluxmq.auth.v1` on one server.
-- HTTP: `POST /auth/authenticate` and `POST /auth/authorize` with JSON bodies.
+- HTTP: `POST /auth/authenticate` and `POST /auth/authorize` with JSON bodies;
+  on the same listener, RabbitMQ's auth-backend-http contract under
+  `/rabbitmq/auth/` (`user`, `vhost`, `resource`, `topic`; GET with a query
+  string or POST form-encoded, answered `allow` or `deny` with status 200),
+  and `GET /stats`, the request counts of `RunningAuthServer.calls` as JSON.
 
 Authorization is by the identity handed out at authentication. The authorize
 callout carries no client id, so a user whose patterns use `%c` is handed the
@@ -17,6 +21,18 @@ one subscribe pattern covers all of it as written: a wildcard is never widened.
 Successful password checks are remembered for a minute under an HMAC of the
 password (keyed per process) and identical checks in flight are coalesced, so
 a storm of connects does not queue thousands of Argon2 runs.
+
+RabbitMQ (`rabbitmq_auth_backend_http`, usually behind
+`rabbitmq_auth_backend_cache`) gets the same decisions: `user` is
+`authenticate` (its MQTT plugin sends the client id, so `client_ids` bind as
+for the gateway); `vhost` and `resource` (queues and exchanges: the MQTT
+plugin needs its own queues and `amq.topic`) allow any known user; `topic`
+turns the AMQP routing key back into the MQTT topic and asks `authorize`
+(`write` is publish, `read` is subscribe), with the identity that
+`authenticate` hands out for that username and `variable_map.client_id`.
+RabbitMQ 3.10 writes an MQTT topic as a routing key by replacing `/` with `.`
+and `+` with `*`, without escaping a `.` already in the topic, so the topic
+authorized is the one RabbitMQ routes (`a.b/c` is `a/b/c` there).
 """
 
 from __future__ import annotations
@@ -61,6 +77,22 @@ GRPC_PACKAGES = (BROKER_PACKAGE, FLUXMQ_PACKAGE)
 #: Keys of `RunningAuthServer.calls` (gRPC calls also count under "<package>/<key>").
 AUTHENTICATE = "authenticate"
 AUTHORIZE = "authorize"
+#: RabbitMQ's requests count under "rabbitmq/<kind>", and every `deny` also under RABBITMQ_DENIED.
+RABBITMQ_USER = "rabbitmq/user"
+RABBITMQ_VHOST = "rabbitmq/vhost"
+RABBITMQ_RESOURCE = "rabbitmq/resource"
+RABBITMQ_TOPIC = "rabbitmq/topic"
+RABBITMQ_DENIED = "rabbitmq/denied"
+
+#: Where RabbitMQ's `auth_http.user_path` etc. point, below the service's base URL.
+RABBITMQ_PATH_PREFIX = "/rabbitmq/auth"
+RABBITMQ_PATHS: Mapping[str, str] = {
+    "user_path": f"{RABBITMQ_PATH_PREFIX}/user",
+    "vhost_path": f"{RABBITMQ_PATH_PREFIX}/vhost",
+    "resource_path": f"{RABBITMQ_PATH_PREFIX}/resource",
+    "topic_path": f"{RABBITMQ_PATH_PREFIX}/topic",
+}
+STATS_PATH = "/stats"
 
 PUBLISH = "publish"
 SUBSCRIBE = "subscribe"
@@ -356,6 +388,33 @@ class AuthService:
         )
         return answer
 
+    def knows(self, username: str) -> bool:
+        return username in self._by_username
+
+    def authorize_user(self, *, username: str, client_id: str, topic: str, action: str) -> AuthzAnswer:
+        """`authorize` for callers that name the user and client instead of the identity (RabbitMQ).
+
+        The identity is the one `authenticate` hands out for that username and client id.
+        """
+        user = self._by_username.get(username)
+        if user is None or (user.client_ids and client_id not in user.client_ids):
+            reason = f"unknown user {username!r}" if user is None else (
+                f"client id {client_id!r} may not use the credentials of {username!r}")
+            log.info(
+                "authorize username=%r client_id=%r %s %r: %s",
+                username,
+                client_id,
+                action or "(no action)",
+                topic,
+                reason,
+                extra={"event": "authorize", "outcome": "deny"},
+            )
+            return _not_authorized(reason)
+        identity = user.external_id
+        if user.binds_client_id and client_id:
+            identity = f"{identity}{BOUND_ID_SEPARATOR}{client_id}"
+        return self.authorize(external_id=identity, topic=topic, action=action)
+
     def _authorize(self, external_id: str, topic: str, action: str) -> AuthzAnswer:
         user, client_id = self._resolve(external_id)
         if user is None:
@@ -544,10 +603,130 @@ def _http_app(service: AuthService, calls: Counter[str], deny_with_status: bool)
             status=status,
         )
 
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"calls": dict(sorted(calls.items()))})
+
     app = web.Application(client_max_size=_MAX_HTTP_BODY)
     app.router.add_post("/auth/authenticate", authenticate)
     app.router.add_post("/auth/authorize", authorize)
+    app.router.add_get(STATS_PATH, stats)
+    _add_rabbitmq_routes(app, service, calls)
     return app
+
+
+# --------------------------------------------------------------------------- RabbitMQ's auth-backend-http
+
+_RABBITMQ_ALLOW = "allow"
+_RABBITMQ_DENY = "deny"
+_RABBITMQ_RESOURCES = frozenset({"exchange", "queue", "topic"})
+_RABBITMQ_PERMISSIONS = frozenset({"configure", "write", "read"})
+#: Topic permissions as the MQTT actions they stand for (RabbitMQ checks `read` when a queue is bound).
+_RABBITMQ_TOPIC_ACTIONS: Mapping[str, str] = {"write": PUBLISH, "read": SUBSCRIBE}
+
+
+def mqtt_topic_from_routing_key(routing_key: str) -> str:
+    """The MQTT topic (or filter) that RabbitMQ 3.10's MQTT plugin wrote as this routing key.
+
+    The plugin replaces `/` with `.` and `+` with `*` (`#` stays); this undoes it.
+    """
+    return routing_key.replace(".", "/").replace("*", "+")
+
+
+async def _rabbitmq_params(request: web.Request) -> Mapping[str, str]:
+    """GET carries the parameters in the query string, POST in a form-encoded body (`auth_http.http_method`)."""
+    if request.method == "POST":
+        form = await request.post()
+        return {key: value for key, value in form.items() if isinstance(value, str)}
+    return request.query
+
+
+def _required(params: Mapping[str, str], *names: str) -> tuple[str, ...]:
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise _BadRequest(f"missing parameter(s): {', '.join(missing)}")
+    return tuple(params[name] for name in names)
+
+
+def _add_rabbitmq_routes(app: web.Application, service: AuthService, calls: Counter[str]) -> None:
+    # RabbitMQ takes any status but 200/201 as an error (the login or operation
+    # fails), so a refusal is always `deny` with 200, whatever deny_with_status says.
+
+    def answer(allowed: bool) -> web.Response:
+        if not allowed:
+            calls[RABBITMQ_DENIED] += 1
+        return web.Response(text=_RABBITMQ_ALLOW if allowed else _RABBITMQ_DENY)
+
+    async def user(request: web.Request) -> web.Response:
+        calls[RABBITMQ_USER] += 1
+        try:
+            params = await _rabbitmq_params(request)
+            (username,) = _required(params, "username")
+        except _BadRequest as exc:
+            return web.Response(status=400, text=str(exc))
+        # A login without a password (a certificate login) cannot be checked here: authenticate refuses it.
+        result = await service.authenticate(
+            client_id=params.get("client_id", ""),
+            username=username,
+            password=Secret(params.get("password", "")),
+            protocol="mqtt" if "client_id" in params else "",
+        )
+        return answer(result.authenticated)
+
+    async def vhost(request: web.Request) -> web.Response:
+        calls[RABBITMQ_VHOST] += 1
+        try:
+            username, vhost_name = _required(await _rabbitmq_params(request), "username", "vhost")
+        except _BadRequest as exc:
+            return web.Response(status=400, text=str(exc))
+        allowed = service.knows(username)
+        log.log(logging.DEBUG if allowed else logging.INFO, "rabbitmq vhost username=%r vhost=%r: %s",
+                username, vhost_name, _RABBITMQ_ALLOW if allowed else "unknown user",
+                extra={"event": "rabbitmq_vhost", "outcome": "allow" if allowed else "deny"})
+        return answer(allowed)
+
+    async def resource(request: web.Request) -> web.Response:
+        calls[RABBITMQ_RESOURCE] += 1
+        try:
+            username, _vhost, kind, name, permission = _required(
+                await _rabbitmq_params(request), "username", "vhost", "resource", "name", "permission")
+        except _BadRequest as exc:
+            return web.Response(status=400, text=str(exc))
+        # Queues and exchanges are RabbitMQ's plumbing for MQTT; topics are checked at topic_path.
+        allowed = service.knows(username) and kind in _RABBITMQ_RESOURCES and permission in _RABBITMQ_PERMISSIONS
+        log.log(logging.DEBUG if allowed else logging.INFO, "rabbitmq resource username=%r %s %r %s: %s",
+                username, kind, name, permission, _RABBITMQ_ALLOW if allowed else _RABBITMQ_DENY,
+                extra={"event": "rabbitmq_resource", "outcome": "allow" if allowed else "deny"})
+        return answer(allowed)
+
+    async def topic(request: web.Request) -> web.Response:
+        calls[RABBITMQ_TOPIC] += 1
+        try:
+            params = await _rabbitmq_params(request)
+            username, _vhost, kind, _exchange, permission, routing_key = _required(
+                params, "username", "vhost", "resource", "name", "permission", "routing_key")
+        except _BadRequest as exc:
+            return web.Response(status=400, text=str(exc))
+        action = _RABBITMQ_TOPIC_ACTIONS.get(permission) if kind == "topic" else None
+        if action is None:
+            log.info("rabbitmq topic username=%r resource=%r permission=%r: not a topic read or write",
+                     username, kind, permission, extra={"event": "rabbitmq_topic", "outcome": "deny"})
+            return answer(False)
+        result = service.authorize_user(
+            username=username,
+            client_id=params.get("variable_map.client_id", ""),
+            topic=mqtt_topic_from_routing_key(routing_key),
+            action=action,
+        )
+        return answer(result.authorized)
+
+    for path, handler in (
+        (RABBITMQ_PATHS["user_path"], user),
+        (RABBITMQ_PATHS["vhost_path"], vhost),
+        (RABBITMQ_PATHS["resource_path"], resource),
+        (RABBITMQ_PATHS["topic_path"], topic),
+    ):
+        app.router.add_get(path, handler)
+        app.router.add_post(path, handler)
 
 
 async def _start_http(
@@ -568,7 +747,7 @@ async def _start_http(
 
 
 class RunningAuthServer:
-    """A started auth server. `calls` counts requests per method ("authenticate", "authorize")."""
+    """A started auth server. `calls` counts requests per method ("authenticate", "authorize", "rabbitmq/user", ...)."""
 
     def __init__(
         self,

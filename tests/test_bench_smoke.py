@@ -54,8 +54,10 @@ def _live_children() -> set[int]:
     live = set()
     for child in psutil.Process().children(recursive=True):
         try:
-            # multiprocessing's resource tracker lives as long as this process, by design.
-            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+            # multiprocessing's resource tracker and fork server live as long as this process, by design.
+            cmdline = " ".join(child.cmdline())
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in cmdline \
+                    and "forkserver" not in cmdline:
                 live.add(child.pid)
         except psutil.NoSuchProcess:
             pass
@@ -89,7 +91,8 @@ def _measurement(broker: str, cpu_us: float, qos: int = 1) -> mqtt_bench.Measure
 def test_targets_and_ratios(polygate_us, expect_vs_mosquitto, expect_vs_amqtt):
     measurements = [_measurement(peers.POLYGATE_LOCAL, polygate_us), _measurement(peers.MOSQUITTO, 10.0),
                     _measurement(peers.AMQTT, 300.0), _measurement(peers.POLYGATE_NONE, polygate_us / 2)]
-    vs_mosquitto, vs_amqtt = mqtt_bench.evaluate_targets(measurements)
+    vs_mosquitto, vs_amqtt = mqtt_bench.evaluate_targets(
+        measurements, brokers=(peers.POLYGATE_LOCAL, peers.MOSQUITTO, peers.AMQTT, peers.POLYGATE_NONE))
     assert (vs_mosquitto.met, vs_amqtt.met) == (expect_vs_mosquitto, expect_vs_amqtt)
     ratios = {r.name: r.value for r in mqtt_bench.compute_ratios(measurements, (1,))}
     assert ratios["polygate/mosquitto"] == pytest.approx(polygate_us / 10.0)
@@ -97,8 +100,13 @@ def test_targets_and_ratios(polygate_us, expect_vs_mosquitto, expect_vs_amqtt):
     assert ratios["polygate/polygate-none"] == pytest.approx(2.0)
 
 
+def _config(size: int, qos: int = 1) -> load.LoadConfig:
+    return load.LoadConfig(host="127.0.0.1", port=1, client=load.CLIENT_RAW, client_id="c", topic="bench/t",
+                           qos=qos, size=size)
+
+
 def test_packet_reader_reassembles_packets_split_anywhere():
-    encoder = load.PublishEncoder("bench/t", b"M" + b"x" * 200, 1)   # remaining length takes two bytes
+    encoder = load.PublishEncoder(_config(201), load.MEASURE, 1)   # remaining length takes two bytes
     stream = b"".join(encoder.encode(i) for i in range(1, 4)) + b"\x40\x02\x00\x07"
     for cut in range(1, len(stream)):
         reader = load.PacketReader()
@@ -106,6 +114,29 @@ def test_packet_reader_reassembles_packets_split_anywhere():
         assert [header for header, _ in packets] == [0x32, 0x32, 0x32, 0x40]
         assert packets[1][1][2 + len("bench/t"):][:2] == b"\x00\x02"
         assert packets[3][1] == b"\x00\x07"
+
+
+@pytest.mark.parametrize("size", [1, 8, 9, 100, 4096])
+@pytest.mark.parametrize("qos", [0, 1])
+def test_publish_encoder_stamps_the_send_time_when_the_payload_has_room(size: int, qos: int):
+    encoder = load.PublishEncoder(_config(size, qos), load.MEASURE, qos)
+    (header, body), = load.PacketReader().feed(encoder.encode(7, 123_456_789))
+    assert header == 0x30 | (qos << 1)
+    offset = 2 + len("bench/t") + (2 if qos else 0)
+    payload = body[offset:]
+    assert len(payload) == size and payload[0] == load.MEASURE
+    recorder = load.LatencyRecorder(_config(size, qos))
+    recorder.add(123_456_789 + 5_000, payload)
+    assert recorder.samples == ([5_000] if size >= load.STAMP_END else [])
+
+
+def test_latency_recorder_reports_percentiles_in_microseconds():
+    recorder = load.LatencyRecorder(_config(100))
+    recorder.samples = [n * 1000 for n in range(1, 101)]
+    counters = [0.0] * load.SUBSCRIBER_SLOTS
+    recorder.report(counters)
+    assert counters[load.S_LAT_N] == 100
+    assert counters[load.S_LAT_P50_US] == 51 and counters[load.S_LAT_P99_US] == 100
 
 
 def test_options_reject_what_the_run_cannot_honour():

@@ -56,7 +56,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, Link, Transport, TransportException
 from proton import Message as AMQPMessage
@@ -298,7 +298,8 @@ class AMQPConnection(asyncio.Protocol):
     # -- transport callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
