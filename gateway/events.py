@@ -13,7 +13,17 @@ import hmac
 from dataclasses import dataclass
 
 
-class Protocol(enum.Enum):
+class _IdentityEnum(enum.Enum):
+    """Members are singletons compared by identity: hash them by identity too.
+
+    Enum's own __hash__ hashes the member name in Python, and these enums key
+    counters on every message.
+    """
+
+    __hash__ = object.__hash__
+
+
+class Protocol(_IdentityEnum):
     MQTT = "mqtt"
     HTTP = "http"
     COAP = "coap"
@@ -21,13 +31,13 @@ class Protocol(enum.Enum):
     AMQP091 = "amqp091"
 
 
-class Action(enum.Enum):
+class Action(_IdentityEnum):
     CONNECT = "connect"
     PUBLISH = "publish"
     SUBSCRIBE = "subscribe"
 
 
-class Outcome(enum.Enum):
+class Outcome(_IdentityEnum):
     ALLOW = "allow"
     DENY = "deny"
     #: The provider could not answer (down, timeout, open breaker). Never an allow.

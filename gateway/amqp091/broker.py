@@ -39,7 +39,7 @@ from gateway.amqp091.framing import (
     exchange_and_key,
     short_str_fits,
 )
-from gateway.amqp091.routing import topic_to_routing_key
+from gateway.amqp091.routing import TOPIC_EXCHANGE, topic_to_routing_key
 from gateway.backpressure import HeldPublishers, Publisher
 from gateway.events import Identity, Protocol
 from gateway.metrics import Metrics
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("polygate.amqp091")
 
-TOPIC_EXCHANGE = "amq.topic"
 DEFAULT_EXCHANGE = ""
 #: Queues one identity may hold at once (declares beyond it get 406).
 MAX_QUEUES_PER_OWNER = 1000
@@ -148,6 +147,14 @@ class Queue:
     def put(self, message: Message) -> bool:
         """Queue a message and hand it to a consumer if one can take it; False when dropped."""
         ready = self.ready
+        consumers = self.consumers
+        if not ready and len(consumers) == 1:
+            # The common case: nothing waits and the one consumer has room, so the
+            # message goes straight out (held publishers were released when it emptied).
+            consumer = consumers[0]
+            if consumer.can_take():
+                consumer.channel.deliver(consumer, message, False)
+                return True
         if len(ready) >= self._max:
             self._drop("queue_full")
             return False
@@ -158,7 +165,6 @@ class Queue:
             return False
         broker.queued_bytes += size
         ready.append((message, False))
-        consumers = self.consumers
         if consumers:
             self.dispatch()
             if len(ready) >= self._high_water:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol as TypingProtocol
 
 from pamqp import commands
 
-from gateway.amqp091.broker import Broker, Queue, envelope
+from gateway.amqp091.broker import AMQPMessage, Broker, Queue, envelope
 from gateway.amqp091.framing import (
     PRECONDITION_FAILED,
     ChannelError,
@@ -72,7 +72,7 @@ class Consumer:
 
     def can_take(self) -> bool:
         channel = self.channel
-        if not channel.active or not channel.output.can_send():
+        if not channel.flow or channel.closing or not channel.output.can_send():
             return False
         if self.no_ack:
             return True
@@ -125,7 +125,10 @@ class Channel:
         if not consumer.no_ack:
             self.unacked[tag] = (consumer.queue, message, consumer)
             consumer.unacked += 1
-        exchange_key, properties = envelope(message)
+        if type(message) is AMQPMessage and message.exchange_key:
+            exchange_key, properties = message.exchange_key, message.properties
+        else:
+            exchange_key, properties = envelope(message)
         output = self.output
         output.write(encode_deliver(self.number, consumer.prefix, tag, redelivered, exchange_key, properties,
                                     message.payload, output.frame_max))
@@ -173,7 +176,16 @@ class Channel:
         return [entry]
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
-        for _, _, consumer in self._take(delivery_tag, multiple):
+        if multiple:
+            for _, _, consumer in self._take(delivery_tag, multiple):
+                if consumer is not None:
+                    consumer.unacked -= 1
+        else:
+            # One tag per ack is what most consumers send: no list of one.
+            entry = self.unacked.pop(delivery_tag, None)
+            if entry is None:
+                raise ChannelError(PRECONDITION_FAILED, f"unknown delivery tag {delivery_tag}")
+            consumer = entry[2]
             if consumer is not None:
                 consumer.unacked -= 1
         self.refill()

@@ -6,7 +6,16 @@ assembles `basic.publish` with its content header and body frames into one
 `Publish` event. pamqp decodes the rare methods; the hot ones (basic.publish,
 content headers, basic.ack in; basic.deliver, basic.ack out) are written by
 hand because pamqp spends 4-7 us on each (LIBRARIES.md), and the unit tests
-pin them against pamqp's own encoding.
+pin them against pamqp's own encoding (property tests, both directions).
+
+A publish whose header and single body frame arrived in the same read as its
+method (what every client sends for a small message) is decoded in one step,
+with the exchange and routing key of recent publishes remembered by their raw
+bytes. A publisher that repeats itself (same channel, exchange, key,
+properties and body size: telemetry) sends the same bytes up to the body
+every time, so the decoder keeps that prefix of the last such publish and
+recognises a repeat with one comparison. Anything else takes the general
+frame-by-frame path, which gives the same events and the same errors.
 
 A broken stream raises `FramingError` (sticky: every later `feed` raises it
 again) carrying the events decoded before the fault, so the connection can
@@ -98,6 +107,12 @@ _frame_header = struct.Struct(">BHI")
 _class_method = struct.Struct(">HH")
 _method_index = struct.Struct(">I")
 _header_fields = struct.Struct(">HHQ")
+#: A content header frame up to its property list: type, channel, size, class, weight, body size.
+_content_header_frame = struct.Struct(">BHIHHQ")
+#: The end octet of one frame and the header of the next.
+_end_and_frame_header = struct.Struct(">BBHI")
+#: The end octet of one frame, then a content header frame up to its property list.
+_end_and_content_header = struct.Struct(">BBHIHHQ")
 _u16 = struct.Struct(">H")
 _deliver_fixed = struct.Struct(">QB")
 _ack_payload = struct.Struct(">IQB")
@@ -303,16 +318,51 @@ def _persistent(raw: bytes) -> bool:
     return decode_properties(raw).delivery_mode == 2
 
 
+#: basic.publish argument blocks (raw bytes -> decoded) one decoder remembers: a publisher uses a
+#: handful of keys, and a gateway holds many connections.
+PUBLISH_ARGS_CACHE_SIZE = 16
+
+
+class _RepeatedPublish:
+    """The last publish decoded whole: its bytes from the method frame up to the body,
+    and what they decoded to. Built only from frames the full path validated."""
+
+    __slots__ = ("prefix", "size", "body_size", "channel", "args", "properties", "persistent")
+
+    def __init__(self, prefix: bytes, body_size: int, channel: int, args: tuple[str, str, bool, bool],
+                 properties: bytes, persistent: bool) -> None:
+        self.prefix = prefix
+        self.size = len(prefix)
+        self.body_size = body_size
+        self.channel = channel
+        self.args = args
+        self.properties = properties
+        self.persistent = persistent
+
+
 class FrameDecoder:
     """Bytes in, events out. `frame_max` may be lowered once the connection is tuned."""
 
     def __init__(self, *, max_body_size: int, frame_max: int = FRAME_MAX) -> None:
-        self.frame_max = frame_max
+        self._frame_max = frame_max
         self.max_body_size = max_body_size
         self._tail = b""
         self._header_done = False
         self._content: dict[int, _Content] = {}
         self._error: FramingError | None = None
+        #: Publishers repeat their exchange and routing key: decode each block once.
+        self._publish_args: dict[bytes, tuple[str, str, bool, bool]] = {}
+        self._repeat: _RepeatedPublish | None = None
+
+    @property
+    def frame_max(self) -> int:
+        return self._frame_max
+
+    @frame_max.setter
+    def frame_max(self, value: int) -> None:
+        self._frame_max = value
+        # The remembered publish was checked against the old limit.
+        self._repeat = None
 
     @property
     def header_received(self) -> bool:
@@ -350,41 +400,56 @@ class FrameDecoder:
             events.append(PROTOCOL_HEADER_RECEIVED)
             pos = 8
         end_of_data = len(data)
-        max_payload = self.frame_max - FRAME_OVERHEAD
+        max_payload = self._frame_max - FRAME_OVERHEAD
         content = self._content
         while end_of_data - pos >= 7:
+            repeat = self._repeat
+            if repeat is not None and not content and data.startswith(repeat.prefix, pos):
+                # The previous publish again, up to its body: only the body and its end octet are new.
+                body_start = pos + repeat.size
+                end = body_start + repeat.body_size
+                if end < end_of_data and data[end] == FRAME_END:
+                    events.append(Publish(repeat.channel, *repeat.args, repeat.properties, data[body_start:end],
+                                          repeat.persistent))
+                    pos = end + 1
+                    continue
             frame_type, channel, size = _frame_header.unpack_from(data, pos)
             if size > max_payload:
                 raise self._fail(FRAME_ERROR, f"frame of {size + FRAME_OVERHEAD} bytes exceeds frame_max {self.frame_max}")
-            end = pos + 7 + size
+            start = pos + 7
+            end = start + size
             if end >= end_of_data:
                 break
             if data[end] != FRAME_END:
                 raise self._fail(FRAME_ERROR, "frame does not end with 0xCE (truncated or corrupt frame)")
-            payload = data[pos + 7:end]
             pos = end + 1
             if frame_type == FRAME_METHOD:
                 if channel in content:
                     raise self._fail(UNEXPECTED_FRAME, f"method frame on channel {channel} while its content was expected")
                 if size < 4:
                     raise self._fail(FRAME_ERROR, "method frame too short")
-                index = _method_index.unpack_from(payload)[0]
+                index = _method_index.unpack_from(data, start)[0]
                 if index == _PUBLISH_ID:
-                    try:
-                        exchange, routing_key, mandatory, immediate = _decode_publish(payload)
-                    except (ValueError, IndexError) as exc:
-                        raise self._fail(SYNTAX_ERROR, f"malformed basic.publish: {exc}") from None
-                    content[channel] = _Content(exchange, routing_key, mandatory, immediate)
+                    payload = data[start:end]
+                    args = self._publish_args.get(payload)
+                    if args is None:
+                        args = self._decode_publish_args(payload)
+                    whole_end = self._whole_publish(data, start - 7, pos, channel, args, max_payload, events)
+                    if whole_end:
+                        pos = whole_end
+                    else:
+                        content[channel] = _Content(*args)
                 elif index == _ACK_ID:
                     if size != 13:
                         raise self._fail(SYNTAX_ERROR, "malformed basic.ack")
-                    _, tag, bits = _ack_payload.unpack(payload)
-                    events.append(Ack(channel, tag, bool(bits & 1)))
+                    _, tag, bits = _ack_payload.unpack_from(data, start)
+                    events.append(Ack(channel, tag, (bits & 1) == 1))
                 else:
-                    events.append(self._decode_method(channel, index, payload))
+                    events.append(self._decode_method(channel, index, data[start:end]))
             elif frame_type == FRAME_HEADER:
-                self._content_header(channel, payload, events)
+                self._content_header(channel, data[start:end], events)
             elif frame_type == FRAME_BODY:
+                payload = data[start:end]
                 pending = content.get(channel)
                 if pending is None or not pending.have_header:
                     raise self._fail(UNEXPECTED_FRAME, f"body frame on channel {channel} without a content header")
@@ -407,6 +472,58 @@ class FrameDecoder:
                 raise self._fail(FRAME_ERROR, f"unknown frame type {frame_type}")
         if pos < end_of_data:
             self._tail = data[pos:]
+
+    def _decode_publish_args(self, payload: bytes) -> tuple[str, str, bool, bool]:
+        try:
+            args = _decode_publish(payload)
+        except (ValueError, IndexError) as exc:
+            raise self._fail(SYNTAX_ERROR, f"malformed basic.publish: {exc}") from None
+        cache = self._publish_args
+        if len(cache) >= PUBLISH_ARGS_CACHE_SIZE:
+            cache.clear()
+        cache[payload] = args
+        return args
+
+    def _whole_publish(self, data: bytes, method_start: int, pos: int, channel: int,
+                       args: tuple[str, str, bool, bool], max_payload: int, events: list[object]) -> int:
+        """The content header and one body frame right after a basic.publish (its method frame
+        starts at `method_start`, the header at `pos`), when they are complete and valid: append
+        the Publish and return the position after them. Otherwise 0, and the general path
+        decodes the same frames (and reports any fault) one by one."""
+        properties_start = pos + 19
+        if len(data) < properties_start:
+            return 0
+        frame_type, header_channel, size, class_id, weight, body_size = _content_header_frame.unpack_from(data, pos)
+        if (frame_type != FRAME_HEADER or header_channel != channel or class_id != _BASIC or weight or size < 14
+                or size > max_payload or body_size > self.max_body_size):
+            return 0
+        header_end = pos + 7 + size
+        raw = data[properties_start:header_end]
+        if raw == PROPERTIES_NONE:
+            persistent = False
+        else:
+            try:
+                persistent = _persistent(raw)
+            except ValueError:
+                return 0
+        if body_size:
+            end = header_end + 8 + body_size
+            if end >= len(data):
+                return 0
+            header_octet, frame_type, body_channel, size = _end_and_frame_header.unpack_from(data, header_end)
+            if (header_octet != FRAME_END or frame_type != FRAME_BODY or body_channel != channel or size != body_size
+                    or size > max_payload or data[end] != FRAME_END):
+                return 0
+            body = data[header_end + 8:end]
+            self._repeat = _RepeatedPublish(data[method_start:header_end + 8], body_size, channel, args, raw,
+                                            persistent)
+        else:
+            end = header_end
+            if end >= len(data) or data[end] != FRAME_END:
+                return 0
+            body = b""
+        events.append(Publish(channel, *args, raw, body, persistent))
+        return end + 1
 
     def _decode_method(self, channel: int, index: int, payload: bytes) -> object:
         cls = commands.INDEX_MAPPING.get(index)
@@ -503,6 +620,20 @@ def exchange_and_key(exchange: str, routing_key: str) -> bytes:
 def encode_deliver(channel: int, prefix: bytes, delivery_tag: int, redelivered: bool, exchange_key: bytes,
                    properties: bytes, body: bytes, frame_max: int) -> bytes:
     """basic.deliver and its content, by hand (the delivery hot path)."""
+    size = len(body)
+    if size and size <= frame_max - FRAME_OVERHEAD:
+        # One body frame (nearly every message): each frame's end octet shares a pack with the next header.
+        return b"".join((
+            _frame_header.pack(FRAME_METHOD, channel, len(prefix) + 9 + len(exchange_key)),
+            prefix,
+            _deliver_fixed.pack(delivery_tag, redelivered),
+            exchange_key,
+            _end_and_content_header.pack(FRAME_END, FRAME_HEADER, channel, 12 + len(properties), _BASIC, 0, size),
+            properties,
+            _end_and_frame_header.pack(FRAME_END, FRAME_BODY, channel, size),
+            body,
+            b"\xce",
+        ))
     method_size = len(prefix) + 9 + len(exchange_key)
     parts = [
         _frame_header.pack(FRAME_METHOD, channel, method_size),

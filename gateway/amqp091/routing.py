@@ -10,8 +10,13 @@ than widened or narrowed; `*` inside a longer word is a literal on both sides.
 
 from __future__ import annotations
 
+from gateway.amqp091.framing import exchange_and_key
 from gateway.errors import InvalidTopic
 from gateway.topics import validate_topic_filter, validate_topic_name
+
+TOPIC_EXCHANGE = "amq.topic"
+#: Routing keys whose topic `PublishRoutes` remembers; the table is cleared when full.
+PUBLISH_ROUTES_SIZE = 10_000
 
 _SWAP = str.maketrans("./", "/.")
 
@@ -29,6 +34,33 @@ def publish_topic(routing_key: str, max_length: int) -> str:
     topic = routing_key.translate(_SWAP)
     validate_topic_name(topic, max_length)
     return topic
+
+
+class PublishRoutes:
+    """Routing key -> (topic, encoded exchange and routing key) for publishes to amq.topic.
+
+    Publishers repeat their keys, so the mapping, the topic check and the
+    short-string encoding that every delivery carries are done once per key,
+    not once per message. One table serves every connection (the topic limit
+    is the gateway's); it is bounded and starts over when full.
+    """
+
+    __slots__ = ("known", "_max_topic", "_size")
+
+    def __init__(self, max_topic_length: int, *, size: int = PUBLISH_ROUTES_SIZE) -> None:
+        #: Read directly on the hot path; fill it through `learn`.
+        self.known: dict[str, tuple[str, bytes]] = {}
+        self._max_topic = max_topic_length
+        self._size = size
+
+    def learn(self, routing_key: str) -> tuple[str, bytes]:
+        """The route of a key not in `known` yet; InvalidTopic (never remembered) when it names no topic."""
+        route = (publish_topic(routing_key, self._max_topic), exchange_and_key(TOPIC_EXCHANGE, routing_key))
+        known = self.known
+        if len(known) >= self._size:
+            known.clear()
+        known[routing_key] = route
+        return route
 
 
 def binding_key_to_filter(binding_key: str, max_length: int) -> str:

@@ -28,6 +28,9 @@ costs no task and no await. Only when an answer must be awaited does the
 connection start one task that works through the events in arrival order.
 Writes are gathered: one transport write per read and per loop turn, with
 publisher confirms coalesced into one basic.ack per channel per write.
+Deliveries a read causes on other AMQP connections are written when that read
+is done, not one loop turn later: a turn costs a poll and a callback, which
+for a publisher waiting on each confirm is a large part of a message's cost.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import platform
 import secrets
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from pamqp import commands
 
@@ -85,7 +88,7 @@ from gateway.amqp091.framing import (
     exchange_and_key,
     method_ids,
 )
-from gateway.amqp091.routing import binding_key_to_filter, publish_topic
+from gateway.amqp091.routing import PublishRoutes, binding_key_to_filter
 from gateway.amqp091.sasl import MECHANISMS, SASLError, parse_response
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
@@ -139,13 +142,42 @@ def _amqp_bool(value: object) -> bool:
     return value is True or value == 1
 
 
+class OutputGather:
+    """AMQP connections written to while another one handles a read. They are flushed
+    when that read is done (one write each), instead of by a callback one loop turn
+    later. One per gateway, shared by every AMQP 0.9.1 connection."""
+
+    __slots__ = ("reads", "pending")
+
+    def __init__(self) -> None:
+        #: Connections inside `_dispatch` right now (0 or 1: reads do not nest).
+        self.reads = 0
+        self.pending: list[AMQP091Connection] = []
+
+    def flush(self) -> None:
+        pending = self.pending
+        self.pending = []
+        for connection in pending:
+            try:
+                connection._flush()
+            except Exception:
+                # Another connection's fault must not close the one whose read this is.
+                log.exception("AMQP connection %r from %s: write failed", connection.client_id, connection.peer)
+                if connection.transport is not None:
+                    connection.transport.abort()
+
+
 class AMQP091Connection(asyncio.Protocol):
     """One client connection: handshake, channels, and the per-connection half of the broker."""
 
-    def __init__(self, ctx: FrontendContext, listener: ListenerConfig, broker: Broker) -> None:
+    def __init__(self, ctx: FrontendContext, listener: ListenerConfig, broker: Broker, routes: PublishRoutes,
+                 gather: OutputGather) -> None:
         self.ctx = ctx
         self.listener = listener
         self.broker = broker
+        self._routes = routes
+        self._known_routes = routes.known
+        self._gather = gather
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         limits = ctx.config.limits
@@ -175,13 +207,15 @@ class AMQP091Connection(asyncio.Protocol):
         self._closed = False
         self._registered = False
         self._torn_down = False
-        self._last_rx = 0.0
-        self._last_tx = 0.0
+        #: Activity since the last heartbeat tick: flags, not clock reads, on the hot path.
+        self._received = False
+        self._sent = False
+        self._silent_ticks = 0
         self._timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._bucket = ctx.ratelimits.new_message_bucket()
         self._metrics_in = ctx.metrics.messages_in
-        #: Congested queues this connection's publishes are held for (backpressure).
+        self._router = ctx.router
         #: Congested queues this connection's publishes are held for (backpressure).
         self._hold = PublisherHold()
         self._connection_methods: dict[type, Callable[[Any], AsyncStep | None]] = {
@@ -216,7 +250,8 @@ class AMQP091Connection(asyncio.Protocol):
     # -- transport callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
@@ -226,7 +261,6 @@ class AMQP091Connection(asyncio.Protocol):
             transport.abort()
             return
         self._registered = True
-        self._last_rx = self._last_tx = self.loop.time()
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -257,7 +291,7 @@ class AMQP091Connection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        self._last_rx = self.loop.time()
+        self._received = True
         try:
             try:
                 events = self.decoder.feed(data)
@@ -287,8 +321,7 @@ class AMQP091Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._out.append(data)
         if not self._reading and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self._schedule_flush()
 
     def can_send(self) -> bool:
         return not self._paused_writing and not self._closed
@@ -296,7 +329,15 @@ class AMQP091Connection(asyncio.Protocol):
     def confirm_pending(self, channel: Channel) -> None:
         self._confirm_channels.add(channel)
         if not self._reading and not self._flush_scheduled:
-            self._flush_scheduled = True
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Output outside our own read: at the end of the read that caused it, else next loop turn."""
+        self._flush_scheduled = True
+        gather = self._gather
+        if gather.reads:
+            gather.pending.append(self)
+        else:
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -316,7 +357,7 @@ class AMQP091Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
-        self._last_tx = self.loop.time()
+        self._sent = True
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -416,34 +457,46 @@ class AMQP091Connection(asyncio.Protocol):
             self._drop("handshake timeout")
 
     def _heartbeat_tick(self) -> None:
+        """Every half heartbeat interval: drop a peer silent for two intervals, and send a
+        heartbeat when we sent nothing since the last tick."""
         interval = self.heartbeat
-        now = self.loop.time()
-        if self._pauses:
-            # We stopped reading; the peer's heartbeats wait in the socket, not lost.
-            self._last_rx = now
-        elif now - self._last_rx > 2 * interval:
-            self._timer = None
-            log.info("AMQP connection %r from %s: no heartbeat for %.0fs", self.client_id, self.peer,
-                     now - self._last_rx, extra={"event": "heartbeat_timeout", "peer": self.peer})
-            self._drop("missed heartbeats")
-            return
-        if now - self._last_tx >= interval / 2:
-            self.write(HEARTBEAT)
+        # While we do not read, the peer's heartbeats wait in the socket, not lost.
+        if self._received or self._pauses:
+            self._received = False
+            self._silent_ticks = 0
+        else:
+            self._silent_ticks += 1
+            if self._silent_ticks >= 4:
+                self._timer = None
+                log.info("AMQP connection %r from %s: no heartbeat for %gs", self.client_id, self.peer,
+                         2 * interval, extra={"event": "heartbeat_timeout", "peer": self.peer})
+                self._drop("missed heartbeats")
+                return
+        if not self._sent:
+            self._out.append(HEARTBEAT)
+            self._flush()
+        self._sent = False
         self._timer = self.loop.call_later(interval / 2, self._heartbeat_tick)
 
     # -- event processing ---------------------------------------------------------------------------
 
     def _dispatch(self, events: list[object]) -> None:
-        if self._backlog is None and not self._hold:
-            self._reading = True
-            try:
-                self._process(events)
-            finally:
-                self._reading = False
+        gather = self._gather
+        gather.reads += 1
+        try:
+            if self._backlog is None and not self._hold:
+                self._reading = True
+                try:
+                    self._process(events)
+                finally:
+                    self._reading = False
+            else:
+                self._enqueue(events)
             self._flush()
-            return
-        self._enqueue(events)
-        self._flush()
+        finally:
+            gather.reads -= 1
+            if not gather.reads and gather.pending:
+                gather.flush()
 
     def _process(self, events: list[object]) -> None:
         """Handle events synchronously until one needs an awaited answer."""
@@ -928,9 +981,11 @@ class AMQP091Connection(asyncio.Protocol):
         channel.get(self._find(channel, method.queue), bool(method.no_ack))
 
     def _ack(self, event: Ack) -> None:
-        if self._state == _CLOSING:
-            return
-        channel = self._channel(event.channel)
+        channel = self.channels.get(event.channel)
+        if channel is None or channel.closing or self._state != _OPEN:
+            if self._state == _CLOSING:
+                return
+            channel = self._channel(event.channel)
         if channel is not None:
             try:
                 channel.ack(event.delivery_tag, event.multiple)
@@ -969,54 +1024,59 @@ class AMQP091Connection(asyncio.Protocol):
 
     def _publish(self, event: Publish) -> AsyncStep | None:
         """The hot path. Returns a step to await when the decision is not at hand."""
-        if self._state == _CLOSING:
-            return None
-        channel = self._channel(event.channel)
-        if channel is None:
-            return None
+        channel = self.channels.get(event.channel)
+        if channel is None or channel.closing or self._state != _OPEN:
+            if self._state == _CLOSING:
+                return None
+            channel = self._channel(event.channel)  # raises unless the channel is closing
+            if channel is None:
+                return None
         if channel.confirm:
             channel.publish_seq += 1
         if event.immediate:
             raise ChannelError(NOT_IMPLEMENTED, "immediate=true is not supported", class_id=60, method_id=40)
         exchange = event.exchange
         if exchange == TOPIC_EXCHANGE:
-            try:
-                topic = publish_topic(event.routing_key, self._max_topic)
-            except InvalidTopic as exc:
-                log.debug("publish from %r with routing key %r: %s", self.client_id, event.routing_key, exc)
-                self.ctx.metrics.dropped(Protocol.AMQP091, "invalid_topic")
-                self._unroutable(channel, event)
-                return None
+            route = self._known_routes.get(event.routing_key)
+            if route is None:
+                try:
+                    route = self._routes.learn(event.routing_key)
+                except InvalidTopic as exc:
+                    log.debug("publish from %r with routing key %r: %s", self.client_id, event.routing_key, exc)
+                    self.ctx.metrics.dropped(Protocol.AMQP091, "invalid_topic")
+                    self._unroutable(channel, event)
+                    return None
             assert self.auth is not None
-            decision = self.auth.publish_now(topic)
+            decision = self.auth.publish_now(route[0])
             if decision is None:
-                return self._publish_awaited(channel, event, topic)
-            self._route(channel, event, topic, decision)
+                return self._publish_awaited(channel, event, route)
+            self._route(channel, event, route, decision)
             return None
         if exchange == DEFAULT_EXCHANGE:
             self._publish_to_queue(channel, event)
             return None
         raise ChannelError(NOT_FOUND, f"no exchange '{exchange}'", class_id=60, method_id=40)
 
-    async def _publish_awaited(self, channel: Channel, event: Publish, topic: str) -> None:
+    async def _publish_awaited(self, channel: Channel, event: Publish, route: tuple[str, bytes]) -> None:
         assert self.auth is not None
-        decision = await self.auth.publish(topic)
+        decision = await self.auth.publish(route[0])
         if not self._closed and not channel.closing:
-            self._route(channel, event, topic, decision)
+            self._route(channel, event, route, decision)
 
-    def _route(self, channel: Channel, event: Publish, topic: str, decision: Decision) -> None:
+    def _route(self, channel: Channel, event: Publish, route: tuple[str, bytes], decision: Decision) -> None:
+        """Hand an amq.topic publish to the router; `route` is (topic, encoded exchange and key)."""
+        topic, exchange_key = route
         if decision.outcome is not Outcome.ALLOW:
             self.ctx.metrics.dropped(
                 Protocol.AMQP091, "auth_unavailable" if decision.outcome is Outcome.UNAVAILABLE else "denied")
             self._check(decision, f"publish to topic {topic!r}", class_id=60, method_id=40)
         self._metrics_in[Protocol.AMQP091] += 1
-        message = AMQPMessage(topic, event.body, 1 if event.persistent else 0,
-                              exchange_key=exchange_and_key(TOPIC_EXCHANGE, event.routing_key),
+        message = AMQPMessage(topic, event.body, 1 if event.persistent else 0, exchange_key=exchange_key,
                               properties=event.properties)
         broker = self.broker
         broker.current_publisher = self
         try:
-            routed = self.ctx.router.publish(message)
+            routed = self._router.publish(message)
         finally:
             broker.current_publisher = None
         if not routed and event.mandatory:
@@ -1071,7 +1131,10 @@ class AMQP091Frontend(TCPListener):
             max_queued=ctx.config.limits.max_queued_messages,
             check_owners=ctx.dispatcher.requires_auth(Protocol.AMQP091),
         ))
+        self.routes: PublishRoutes = ctx.state.shared(
+            "amqp091.routes", lambda: PublishRoutes(ctx.config.limits.max_topic_length))
+        self.gather: OutputGather = ctx.state.shared("amqp091.gather", OutputGather)
 
     def connection_factory(self) -> Callable[[], AMQP091Connection]:
-        ctx, listener, broker = self.ctx, self.listener, self.broker
-        return lambda: AMQP091Connection(ctx, listener, broker)
+        ctx, listener, broker, routes, gather = self.ctx, self.listener, self.broker, self.routes, self.gather
+        return lambda: AMQP091Connection(ctx, listener, broker, routes, gather)

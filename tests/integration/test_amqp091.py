@@ -302,6 +302,41 @@ def test_ten_thousand_confirmed_messages_in_order(gw: GatewayThread, root_passwo
     assert not any(redelivered)
 
 
+def test_publishes_of_changing_shape_reach_consumers_on_other_connections_intact(
+        connect: Callable[..., pika.BlockingConnection]) -> None:
+    """Repeats and changes of key, size (empty, one frame, several frames) and properties, to
+    consumers on two other connections: each gets every message, as sent and in order."""
+    consumers = [connect().channel() for _ in range(2)]
+    queues = []
+    for channel in consumers:
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(queue, "amq.topic", "shape.#")
+        queues.append(queue)
+    shapes = [
+        ("shape.a", b"x" * 100, pika.BasicProperties()),
+        ("shape.a", b"y" * 100, pika.BasicProperties()),
+        ("shape.a", b"", pika.BasicProperties()),
+        ("shape.b.c", b"z" * 100, pika.BasicProperties(delivery_mode=2)),
+        ("shape.b.c", bytes(range(256)) * 600, pika.BasicProperties(delivery_mode=2)),  # several body frames
+        ("shape.a", b"w" * 101, pika.BasicProperties(headers={"n": 1}, content_type="text/plain")),
+    ]
+    publisher = connect().channel()
+    publisher.confirm_delivery()
+    sent: list[tuple[str, bytes, int | None, Any]] = []
+    for index in range(30):
+        key, body, properties = shapes[index % len(shapes) if index % 4 else 0]
+        publisher.basic_publish("amq.topic", key, body, properties=properties, mandatory=True)
+        sent.append((key, body, properties.delivery_mode, properties.headers))
+    for channel, queue in zip(consumers, queues):
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is not None:
+                got.append((method.routing_key, body, properties.delivery_mode, properties.headers))
+        assert got == sent
+
+
 def test_nack_with_requeue_redelivers(connect: Callable[..., pika.BlockingConnection]) -> None:
     channel = connect().channel()
     queue = channel.queue_declare("", exclusive=True).method.queue

@@ -20,7 +20,13 @@ from gateway.amqp091.framing import (
     ChannelError,
     exchange_and_key,
 )
-from gateway.amqp091.routing import binding_key_to_filter, publish_topic, routing_key_to_topic, topic_to_routing_key
+from gateway.amqp091.routing import (
+    PublishRoutes,
+    binding_key_to_filter,
+    publish_topic,
+    routing_key_to_topic,
+    topic_to_routing_key,
+)
 from gateway.amqp091.sasl import SASLError, parse_response
 from gateway.errors import InvalidTopic
 from gateway.events import Identity, Protocol
@@ -56,6 +62,26 @@ def test_mapping_is_its_own_inverse(text: str) -> None:
 def test_routing_keys_that_name_no_topic_are_refused(key: str) -> None:
     with pytest.raises(InvalidTopic):
         publish_topic(key, 1024)
+
+
+def test_publish_routes_remember_topic_and_encoded_key() -> None:
+    routes = PublishRoutes(1024, size=3)
+    assert routes.learn("a.b") == ("a/b", exchange_and_key("amq.topic", "a.b"))
+    assert routes.known["a.b"] == ("a/b", exchange_and_key("amq.topic", "a.b"))
+    with pytest.raises(InvalidTopic):
+        routes.learn("a.#")
+    assert "a.#" not in routes.known
+    for key in ("c", "d", "e"):
+        routes.learn(key)
+    # Bounded: full, it starts over rather than grow.
+    assert len(routes.known) <= 3 and routes.known["e"] == ("e", exchange_and_key("amq.topic", "e"))
+
+
+def test_publish_routes_apply_the_topic_length_limit() -> None:
+    routes = PublishRoutes(5)
+    assert routes.learn("a.b.c")[0] == "a/b/c"
+    with pytest.raises(InvalidTopic):
+        routes.learn("a.b.cd")
 
 
 @pytest.mark.parametrize(("key", "topic_filter"), [
@@ -293,3 +319,25 @@ def test_all_queues_together_are_bounded_in_bytes() -> None:
     broker.delete(first)
     assert broker.queued_bytes == 0
     assert metrics.messages_dropped[(Protocol.AMQP091, "memory_limit")] == 1
+
+
+def test_a_free_consumer_gets_messages_at_once_and_a_busy_one_in_order() -> None:
+    broker, _, _ = make_broker()
+    broker.max_queued_bytes = 4
+    queue = declare(broker, "q")
+    output = FakeOutput()
+    channel = Channel(1, output, broker, Metrics())
+    channel.prefetch_count = 1
+    channel.consume(queue, "c", no_ack=False, exclusive=False)
+    # Straight to the consumer: nothing waits in the queue, so the byte budget is not touched.
+    assert queue.put(Message("q", b"first"))
+    assert len(output.frames) == 1 and not queue.ready and broker.queued_bytes == 0
+    # The consumer is at its prefetch: later messages wait their turn behind each other.
+    assert queue.put(Message("q", b"2"))
+    assert queue.put(Message("q", b"3"))
+    assert [m.payload for m, _ in queue.ready] == [b"2", b"3"]
+    channel.ack(1, False)
+    channel.ack(2, False)
+    channel.ack(3, False)
+    assert [frame[-2:-1] for frame in output.frames[1:]] == [b"2", b"3"]
+    assert not queue.ready and broker.queued_bytes == 0
