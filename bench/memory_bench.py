@@ -42,13 +42,8 @@ class MemoryRun:
 
 
 def tree_rss_bytes(pid: int) -> int:
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     total = 0
-    for process in processes:
+    for process in peers.process_tree(pid):
         try:
             total += process.memory_info().rss
         except psutil.NoSuchProcess:

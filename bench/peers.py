@@ -81,14 +81,18 @@ class RunningBroker:
         stop_process_group(self.process)
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its live descendants; empty once it is gone."""
     try:
         root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
+        return []
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
     total = 0.0
-    for process in processes:
+    for process in process_tree(pid):
         try:
             times = process.cpu_times()
         except psutil.NoSuchProcess:

@@ -122,13 +122,8 @@ def add_probe_user(users_file: Path) -> peers.Credentials:
 
 def open_client_connections(broker: peers.RunningBroker) -> int:
     """TCP connections to the broker's client port still held by its process tree."""
-    try:
-        root = psutil.Process(broker.pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     count = 0
-    for process in processes:
+    for process in peers.process_tree(broker.pid):
         try:
             count += sum(1 for c in process.net_connections(kind="tcp")
                          if c.laddr and c.laddr.port == broker.port and c.raddr)

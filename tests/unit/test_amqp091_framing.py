@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -375,18 +376,22 @@ def test_arbitrary_frames_raise_only_framing_errors(frames: list[tuple[int, int,
         pass
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(min_size=0, max_size=3000), st.lists(st.integers(1, 200), max_size=40))
-def test_any_split_gives_the_same_events(body: bytes, cuts: list[int]) -> None:
-    data = publish_bytes(1, "amq.topic", "a.b", body, frame_max=4096) + encode_method(1, commands.Basic.Get(queue="q"))
-    whole = opened(frame_max=4096).feed(data)
-    decoder = opened(frame_max=4096)
+def feed_in_pieces(decoder: Any, data: bytes, cuts: list[int]) -> list[object]:
+    """Feed `data` cut after each length in `cuts`, then the rest; every event, in order."""
     pieces: list[object] = []
     position = 0
     for cut in cuts:
         pieces += decoder.feed(data[position:position + cut])
         position += cut
-    pieces += decoder.feed(data[position:])
+    return pieces + decoder.feed(data[position:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=3000), st.lists(st.integers(1, 200), max_size=40))
+def test_any_split_gives_the_same_events(body: bytes, cuts: list[int]) -> None:
+    data = publish_bytes(1, "amq.topic", "a.b", body, frame_max=4096) + encode_method(1, commands.Basic.Get(queue="q"))
+    whole = opened(frame_max=4096).feed(data)
+    pieces = feed_in_pieces(opened(frame_max=4096), data, cuts)
     assert [type(e) for e in pieces] == [type(e) for e in whole] == [Publish, MethodFrame]
     assert pieces[0].body == whole[0].body == body  # type: ignore[attr-defined]
 
@@ -503,13 +508,7 @@ def test_publishes_written_by_pamqp_decode_to_what_was_sent(distinct: list[tuple
                                   mandatory=mandatory)
                     for channel, exchange, key, mandatory, properties, body in sent)
     whole = opened(frame_max=4096).feed(data)
-    decoder = opened(frame_max=4096)
-    pieces: list[object] = []
-    position = 0
-    for cut in cuts:
-        pieces += decoder.feed(data[position:position + cut])
-        position += cut
-    pieces += decoder.feed(data[position:])
+    pieces = feed_in_pieces(opened(frame_max=4096), data, cuts)
     assert len(whole) == len(pieces) == len(sent)
     for event_whole, event_pieces, publish in zip(whole, pieces, sent):
         _assert_publish(event_whole, publish)
