@@ -69,20 +69,24 @@ class HeldPublishers:
 class PublisherHold:
     """The publisher side: which congested subscribers hold this connection back."""
 
-    __slots__ = ("_blockers", "_unblocked")
+    __slots__ = ("_blockers", "_unblocked", "held")
 
     def __init__(self) -> None:
         self._blockers: set[Blocker] | None = None
         self._unblocked: asyncio.Event | None = None
+        #: True while at least one subscriber holds the publisher. A plain
+        #: attribute, so the per-PUBLISH check costs no method call.
+        self.held = False
 
     def __bool__(self) -> bool:
-        return bool(self._blockers)
+        return self.held
 
     def add(self, blocker: Blocker) -> None:
         if self._blockers is None:
             self._blockers = set()
             self._unblocked = asyncio.Event()
         self._blockers.add(blocker)
+        self.held = True
         self._unblocked.clear()  # type: ignore[union-attr]
 
     def remove(self, blocker: Blocker) -> None:
@@ -90,6 +94,7 @@ class PublisherHold:
         if blockers:
             blockers.discard(blocker)
             if not blockers:
+                self.held = False
                 self._unblocked.set()  # type: ignore[union-attr]
 
     async def wait(self, publisher: Publisher, name: str) -> None:
@@ -110,5 +115,6 @@ class PublisherHold:
         for blocker in list(self._blockers or ()):
             blocker.forget_publisher(publisher)
         self._blockers = None
+        self.held = False
         if self._unblocked is not None:
             self._unblocked.set()

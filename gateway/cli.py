@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gateway import __version__
 from gateway.errors import ConfigError, PolygateError
@@ -36,12 +37,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
-def _install_uvloop() -> None:
+def _install_uvloop(environ: Mapping[str, str] | None = None) -> str:
+    """Choose the event loop from POLYGATE_EVENT_LOOP; return "uvloop" or "asyncio".
+
+    `auto` (the default) takes uvloop when it is installed (`polygate[fast]`),
+    `asyncio` always the standard loop, `uvloop` insists on uvloop.
+    """
+    choice = (os.environ if environ is None else environ).get("POLYGATE_EVENT_LOOP", "").strip().lower() or "auto"
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError([f"POLYGATE_EVENT_LOOP: {choice!r} is not one of auto, asyncio, uvloop"])
+    if choice == "asyncio":
+        asyncio.set_event_loop_policy(None)
+        log.info("event loop: asyncio (POLYGATE_EVENT_LOOP=asyncio)", extra={"event": "event_loop", "loop": "asyncio"})
+        return "asyncio"
     try:
         import uvloop  # optional extra: polygate[fast]
     except ImportError:
-        return
+        if choice == "uvloop":
+            raise ConfigError([
+                "POLYGATE_EVENT_LOOP: uvloop is not installed (pip install 'polygate[fast]'),"
+                " or set POLYGATE_EVENT_LOOP to auto or asyncio"
+            ]) from None
+        log.info("event loop: asyncio (uvloop is not installed)", extra={"event": "event_loop", "loop": "asyncio"})
+        return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    log.info("event loop: uvloop", extra={"event": "event_loop", "loop": "uvloop"})
+    return "uvloop"
 
 
 def _run_loop(config: object) -> int:

@@ -22,18 +22,21 @@ T = TypeVar("T")
 
 
 class GatewayThread:
-    def __init__(self, config: GatewayConfig, *, provider: AuthProvider | None = None) -> None:
+    def __init__(self, config: GatewayConfig, *, provider: AuthProvider | None = None,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop) -> None:
         self.config = config
         self.provider = provider
         self.gateway: Gateway | None = None
-        self.loop = asyncio.new_event_loop()
+        #: uvloop's `new_event_loop` runs the gateway on the loop `polygate[fast]` installs.
+        self.loop = loop_factory()
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
         self._started: Future[None] = Future()
         self._stop: asyncio.Event | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, provider: AuthProvider | None = None) -> GatewayThread:
-        return cls(parse_config(data), provider=provider)
+    def from_dict(cls, data: dict[str, Any], *, provider: AuthProvider | None = None,
+                  loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop) -> GatewayThread:
+        return cls(parse_config(data), provider=provider, loop_factory=loop_factory)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

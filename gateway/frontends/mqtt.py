@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from gateway.backpressure import Blocker, PublisherHold
 from gateway.config_types import ListenerConfig
@@ -30,7 +31,8 @@ from gateway.mqtt.codec import (
     encode_connack,
     encode_puback,
     encode_pubcomp,
-    encode_publish,
+    encode_packet_id,
+    encode_publish_head,
     encode_pubrec,
     encode_pubrel,
     encode_suback,
@@ -68,6 +70,7 @@ CONNECT_TIMEOUT = 10.0
 MAX_BACKLOG = 1000
 
 _CONNACK_FOR_OUTCOME = {Outcome.UNAVAILABLE: CONNACK_SERVER_UNAVAILABLE}
+_ALLOW = Outcome.ALLOW
 
 
 def _connack_code(decision: Decision, connect: Connect) -> int:
@@ -82,13 +85,34 @@ def _connack_code(decision: Decision, connect: Connect) -> int:
     return CONNACK_BAD_USERNAME_OR_PASSWORD
 
 
+class _SharedHead:
+    """The PUBLISH head (fixed header and topic) last encoded, kept for the next one alike.
+
+    A head depends only on the topic, the payload's length and the flags, so
+    it is shared by every subscriber of one message and, since publishers
+    mostly repeat a topic and a size, by the next messages too. Topics are
+    compared by identity: the decoder hands out one str per repeated topic.
+    One per gateway (its connections share one event loop, so no locking).
+    """
+
+    __slots__ = ("topic", "size", "variant", "head")
+
+    def __init__(self) -> None:
+        self.topic = ""
+        self.size = -1
+        self.variant = -1
+        self.head = b""
+
+
+
 class MQTTConnection(asyncio.Protocol):
     __slots__ = (
         "ctx", "listener", "registry", "loop", "transport", "decoder", "peer", "tls_identity",
         "session", "auth", "connect", "will", "_out", "_flush_scheduled", "_reading", "_paused",
         "_backlog", "_worker", "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
         "_bucket", "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
-        "_registered", "_taken_over", "_prepaid", "_pauses", "_hold",
+        "_registered", "_taken_over", "_prepaid", "_pauses", "_hold", "_received", "_sent",
+        "_router", "_shared_head",
     )
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig, registry: SessionRegistry) -> None:
@@ -121,6 +145,12 @@ class MQTTConnection(asyncio.Protocol):
         self._bucket = ctx.ratelimits.new_message_bucket()
         self._metrics_out = ctx.metrics.messages_out
         self._metrics_in = ctx.metrics.messages_in
+        # Messages received and sent since the last flush: plain ints per message,
+        # added to the metrics dicts once per flush (each dict bump hashes an enum).
+        self._received = 0
+        self._sent = 0
+        self._router = ctx.router
+        self._shared_head = ctx.state.shared("mqtt.publish_head", _SharedHead)
         self._deny_disconnect = ctx.config.auth.deny_publish_action == "disconnect"
         self._registered = False
         self._taken_over = False
@@ -134,7 +164,8 @@ class MQTTConnection(asyncio.Protocol):
     # -- transport callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
@@ -153,6 +184,7 @@ class MQTTConnection(asyncio.Protocol):
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
         self._hold.release(self)
+        self._count_messages()
         if not self._registered:
             return
         self._registered = False
@@ -197,7 +229,7 @@ class MQTTConnection(asyncio.Protocol):
             self._dispatch(packets)
 
     def _dispatch(self, packets: list[object]) -> None:
-        if self._backlog is None and not self._hold:
+        if self._backlog is None and not self._hold.held:
             self._reading = True
             try:
                 self._process(packets)
@@ -244,6 +276,8 @@ class MQTTConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._received or self._sent:
+            self._count_messages()
         out = self._out
         if not out:
             return
@@ -253,12 +287,43 @@ class MQTTConnection(asyncio.Protocol):
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
 
+    def _count_messages(self) -> None:
+        """Add the messages received and sent since the last call to the gateway's metrics."""
+        if self._received:
+            self._metrics_in[Protocol.MQTT] += self._received
+            self._received = 0
+        if self._sent:
+            self._metrics_out[Protocol.MQTT] += self._sent
+            self._sent = 0
+
     def can_send(self) -> bool:
         return not self._paused and not self._closing
 
     def send_publish(self, message: Message, qos: int, retain: bool, dup: bool, packet_id: int | None) -> None:
-        self._write(encode_publish(message.topic, message.payload, qos, retain, dup, packet_id))
-        self._metrics_out[Protocol.MQTT] += 1
+        # Head, packet id and payload go out as they are, joined once per flush:
+        # the payload is never copied into a packet of its own.
+        shared = self._shared_head
+        topic = message.topic
+        payload = message.payload
+        size = len(payload)
+        variant = qos | (4 if retain else 0) | (8 if dup else 0)
+        if shared.topic is topic and shared.size == size and shared.variant == variant:
+            head = shared.head
+        else:
+            head = encode_publish_head(topic, size, qos, retain, dup)
+            shared.topic = topic
+            shared.size = size
+            shared.variant = variant
+            shared.head = head
+        if not self._reading and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        out = self._out
+        out.append(head)
+        if packet_id is not None:
+            out.append(encode_packet_id(packet_id))
+        out.append(payload)
+        self._sent += 1
 
     def send_pubrel(self, packet_id: int) -> None:
         self._write(encode_pubrel(packet_id))
@@ -297,26 +362,32 @@ class MQTTConnection(asyncio.Protocol):
 
     def _process(self, packets: list[object]) -> None:
         """Handle packets synchronously until one needs an awaited answer."""
+        # Only the backlog worker sets the session (at CONNECT, which always waits),
+        # so it cannot change during this loop.
+        session = self.session
+        bucket = self._bucket
+        hold = self._hold
         for index, packet in enumerate(packets):
             if self._closing:
                 return
-            if type(packet) is Publish and self.session is not None:
-                bucket = self._bucket
-                if bucket is None or bucket.take() <= 0:
-                    if self._publish_now(packet):
-                        if self._hold:
-                            # A subscriber is congested: the rest waits, in order.
-                            self._enqueue(packets[index + 1:])
-                            return
-                        continue
-                    self._prepaid = packet
-            elif type(packet) is Puback and self.session is not None:
-                self.session.puback(packet.packet_id)
-                continue
-            elif type(packet) is Pingreq and self.session is not None:
-                self._write(PINGRESP_BYTES)
-                continue
-            elif self._handle_sync(packet):
+            kind = type(packet)
+            if session is not None:
+                if kind is Publish:
+                    if bucket is None or bucket.take() <= 0:
+                        if self._publish_now(packet):  # type: ignore[arg-type]
+                            if hold.held:
+                                # A subscriber is congested: the rest waits, in order.
+                                self._enqueue(packets[index + 1:])
+                                return
+                            continue
+                        self._prepaid = packet
+                    # Needs an await (decision or rate-limit token): the rest waits in order.
+                    self._enqueue(packets[index:])
+                    return
+                if kind is Puback:
+                    session.puback(packet.packet_id)  # type: ignore[attr-defined]
+                    continue
+            if self._handle_sync(packet):
                 continue
             # Needs an await: the rest waits in order behind it.
             self._enqueue(packets[index:])
@@ -478,10 +549,9 @@ class MQTTConnection(asyncio.Protocol):
 
     def _publish_now(self, packet: Publish) -> bool:
         """The hot path. False when the decision must be awaited."""
-        qos = packet.qos
         session = self.session
         assert session is not None and self.auth is not None
-        if qos == 2 and packet.packet_id in session.incoming_qos2:
+        if packet.qos == 2 and packet.packet_id in session.incoming_qos2:
             # A retransmission of a QoS 2 message already routed: acknowledge only.
             self._write(encode_pubrec(packet.packet_id))  # type: ignore[arg-type]
             return True
@@ -509,18 +579,20 @@ class MQTTConnection(asyncio.Protocol):
 
     def _act_on_publish(self, packet: Publish, decision: Decision) -> None:
         qos = packet.qos
-        self._metrics_in[Protocol.MQTT] += 1
+        self._received += 1
         outcome = decision.outcome
-        if outcome is Outcome.ALLOW:
-            if len(packet.payload) > self._max_payload:
+        if outcome is _ALLOW:
+            payload = packet.payload
+            if len(payload) > self._max_payload:
                 self.ctx.metrics.dropped(Protocol.MQTT, "too_large")
                 log.warning("dropped PUBLISH from %r: payload of %d bytes exceeds limits.max_message_size",
-                            self.session.client_id if self.session else "", len(packet.payload))
+                            self.session.client_id if self.session else "", len(payload))
             else:
                 registry = self.registry
                 registry.current_publisher = self
                 try:
-                    self.ctx.router.publish(Message(packet.topic, packet.payload, qos, packet.retain))
+                    # A Publish is a Message: routed as it is, no copy of its fields.
+                    self._router.publish(packet)
                 finally:
                     registry.current_publisher = None
         elif outcome is Outcome.UNAVAILABLE:

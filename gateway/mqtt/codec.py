@@ -61,6 +61,8 @@ from gateway.mqtt.packets import (
     Unsuback,
     Unsubscribe,
     Will,
+    puback_from_wire,
+    publish_from_wire,
 )
 
 _PACKET_ID = struct.Struct(">H")
@@ -535,6 +537,10 @@ class MQTTDecoder:
             length = buf[pos + 1]
             if length < 0x80:
                 start = pos + 2
+            elif pos + 2 < end_of_data and buf[pos + 2] < 0x80:
+                # Two length bytes (128 B to 16 KiB): inline, it is every mid-sized PUBLISH.
+                length = (length & 0x7F) | buf[pos + 2] << 7
+                start = pos + 3
             else:
                 length, start = _read_remaining_length(buf, pos + 1, end_of_data, max_size)
                 if not start:
@@ -571,7 +577,7 @@ class MQTTDecoder:
                     if not packet_id:
                         raise MQTTProtocolError("PUBLISH has packet id 0; it must be 1..65535 (MQTT-2.3.1-1)")
                     append(
-                        Publish(
+                        publish_from_wire(
                             topic,
                             buf[topic_end + 2 : end],
                             (first >> 1) & 3,
@@ -581,14 +587,14 @@ class MQTTDecoder:
                         )
                     )
                 else:
-                    append(Publish(topic, buf[topic_end:end], 0, first & 1 == 1, False, None))
+                    append(publish_from_wire(topic, buf[topic_end:end], 0, first & 1 == 1, False, None))
             elif kind == PUBACK:
                 if length != 2:
                     raise MQTTProtocolError(f"PUBACK remaining length must be 2, got {length}")
                 packet_id = buf[start] << 8 | buf[start + 1]
                 if not packet_id:
                     raise MQTTProtocolError("PUBACK has packet id 0; it must be 1..65535 (MQTT-2.3.1-1)")
-                append(Puback(packet_id))
+                append(puback_from_wire(packet_id))
             else:
                 append(_DECODERS[kind](first, buf, start, end))
             pos = end
@@ -667,6 +673,41 @@ def encode_topic(topic: str) -> bytes:
 def encode_packet_id(packet_id: int) -> bytes:
     """Two bytes, big-endian; what differs between copies of one QoS 1/2 PUBLISH."""
     return _pack_packet_id(packet_id)
+
+
+def encode_publish_head(
+    topic: str, payload_length: int, qos: int = 0, retain: bool = False, dup: bool = False
+) -> bytes:
+    """A PUBLISH up to its packet id (QoS 1/2) or its payload (QoS 0): fixed header and topic.
+
+    `head + encode_packet_id(pid) + payload` (QoS 1/2) or `head + payload`
+    (QoS 0) is `encode_publish(...)`, so a broker can build the head once per
+    message and flag combination, reuse it for every subscriber that gets the
+    same flags, and hand the payload to the transport without copying it
+    into a packet first.
+    """
+    if payload_length < 0:
+        raise ValueError(f"payload length must not be negative, got {payload_length}")
+    wire_topic = _topic_wire.get(topic)
+    if wire_topic is None:
+        wire_topic = encode_topic(topic)
+    if qos:
+        if qos != 1 and qos != 2:
+            raise ValueError(f"PUBLISH QoS must be 0, 1 or 2, got {qos!r}")
+        first = 0x3A if dup else 0x32
+        if qos == 2:
+            first += 2
+        length = len(wire_topic) + 2 + payload_length
+    elif dup:
+        raise ValueError("a QoS 0 PUBLISH has no DUP flag (MQTT-3.3.1-2)")
+    else:
+        first = 0x30
+        length = len(wire_topic) + payload_length
+    if retain:
+        first |= 0x01
+    if length < 0x80:
+        return bytes((first, length)) + wire_topic
+    return _fixed_header(first, length) + wire_topic
 
 
 def encode_publish(

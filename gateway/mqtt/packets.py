@@ -1,8 +1,11 @@
 """MQTT 3.1.1 control packets as small frozen values, plus the protocol's codes.
 
 Constructors check the invariants the encoder relies on, so a packet that
-exists can always be encoded. `Publish` and the four acknowledgements are
-built on the hot path and take positional arguments; the rest are keyword-only.
+exists can always be encoded (the decoder's `publish_from_wire` and
+`puback_from_wire` skip the checks it has already made on the wire).
+`Publish` and the four acknowledgements are built on the hot path and take
+positional arguments; the rest are keyword-only. A `Publish` is also the
+router's `Message`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.errors import ProtocolError
+from gateway.router import Message
 
 #: Fixed-header packet types (the high nibble of the first byte).
 CONNECT = 1
@@ -117,11 +121,15 @@ class Connack:
 
 
 @dataclass(frozen=True, slots=True, init=False)
-class Publish:
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
+class Publish(Message):
+    """A PUBLISH: the routable message (topic, payload, qos, retain) plus its wire-only fields.
+
+    Being a `Message`, an allowed PUBLISH goes to the router as it is: one
+    object per message instead of a packet and then a copy of its fields.
+    Subscribers read only the `Message` fields; `dup` and `packet_id` belong
+    to the publisher's connection.
+    """
+
     dup: bool = False
     packet_id: int | None = None
 
@@ -151,12 +159,13 @@ class Publish:
         _set_packet_id(self, packet_id)
 
 
-_set_topic = Publish.topic.__set__  # type: ignore[attr-defined]
-_set_payload = Publish.payload.__set__  # type: ignore[attr-defined]
-_set_qos = Publish.qos.__set__  # type: ignore[attr-defined]
-_set_retain = Publish.retain.__set__  # type: ignore[attr-defined]
-_set_dup = Publish.dup.__set__  # type: ignore[attr-defined]
-_set_packet_id = Publish.packet_id.__set__  # type: ignore[attr-defined]
+# Slot descriptors, to fill the frozen fields; the inherited ones live on Message.
+_set_topic = Message.__dict__["topic"].__set__
+_set_payload = Message.__dict__["payload"].__set__
+_set_qos = Message.__dict__["qos"].__set__
+_set_retain = Message.__dict__["retain"].__set__
+_set_dup = Publish.__dict__["dup"].__set__
+_set_packet_id = Publish.__dict__["packet_id"].__set__
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -178,6 +187,32 @@ _set_only_packet_id = _PacketIdOnly.packet_id.__set__  # type: ignore[attr-defin
 @dataclass(frozen=True, slots=True, init=False)
 class Puback(_PacketIdOnly):
     """QoS 1 acknowledgement."""
+
+
+_new = object.__new__
+
+
+# The decoder's constructors. It has already checked every field on the wire
+# (QoS, DUP only with QoS > 0, packet id 1..65535), so they skip `__init__`
+# and its checks: going through `type.__call__` into a Python `__init__` costs
+# about as much as the decoding of the fields itself, twice per message.
+def publish_from_wire(
+    topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int | None
+) -> Publish:
+    packet = _new(Publish)
+    _set_topic(packet, topic)
+    _set_payload(packet, payload)
+    _set_qos(packet, qos)
+    _set_retain(packet, retain)
+    _set_dup(packet, dup)
+    _set_packet_id(packet, packet_id)
+    return packet
+
+
+def puback_from_wire(packet_id: int) -> Puback:
+    packet = _new(Puback)
+    _set_only_packet_id(packet, packet_id)
+    return packet
 
 
 @dataclass(frozen=True, slots=True, init=False)

@@ -46,14 +46,12 @@ class SessionOutput(TypingProtocol):
     def send_pubrel(self, packet_id: int) -> None: ...
 
 
-class InFlight:
-    __slots__ = ("message", "qos", "retain", "state")
-
-    def __init__(self, message: Message, qos: int, retain: bool) -> None:
-        self.message = message
-        self.qos = qos
-        self.retain = retain
-        self.state = WAIT_ACK if qos == 1 else WAIT_REC
+#: An outgoing QoS 1/2 message in flight: (message, qos, retain, state). A plain
+#: tuple, not an object: one is built per delivered message, and a tuple costs a
+#: fraction of an instance's __init__. A state change replaces the whole tuple.
+InFlight = tuple[Message, int, bool, int]
+#: The state's place in an `InFlight` tuple.
+_STATE = 3
 
 
 class Session:
@@ -158,19 +156,24 @@ class Session:
                 extra={"event": "message_dropped", "client_id": self.client_id, "reason": reason},
             )
 
-    def _allocate_id(self) -> int:
-        next_id = self._next_id
+    def _free_id_after(self, packet_id: int) -> int:
+        """The next id after `packet_id` that is not in flight (ids wrapped around onto old ones)."""
         inflight = self.inflight
         for _ in range(65535):
-            next_id = next_id + 1 if next_id < 65535 else 1
-            if next_id not in inflight:
-                self._next_id = next_id
-                return next_id
+            packet_id = packet_id + 1 if packet_id < 65535 else 1
+            if packet_id not in inflight:
+                return packet_id
         raise RuntimeError("no free packet id")  # unreachable: the window is < 65535
 
     def _send_new(self, output: SessionOutput, message: Message, qos: int, retain: bool) -> None:
-        packet_id = self._allocate_id()
-        self.inflight[packet_id] = InFlight(message, qos, retain)
+        """Give the message the next free packet id, put it in flight and send it."""
+        inflight = self.inflight
+        # Ids go up one by one, so the next one is almost always free.
+        packet_id = self._next_id + 1 if self._next_id < 65535 else 1
+        if packet_id in inflight:
+            packet_id = self._free_id_after(packet_id)
+        self._next_id = packet_id
+        inflight[packet_id] = (message, qos, retain, WAIT_ACK if qos == 1 else WAIT_REC)
         output.send_publish(message, qos, retain, False, packet_id)
 
     def pump(self) -> None:
@@ -196,25 +199,28 @@ class Session:
     # -- acknowledgements from the client ---------------------------------------------------
 
     def puback(self, packet_id: int) -> bool:
-        entry = self.inflight.get(packet_id)
-        if entry is None or entry.state != WAIT_ACK:
+        inflight = self.inflight
+        entry = inflight.get(packet_id)
+        if entry is None or entry[_STATE] != WAIT_ACK:
             return False
-        del self.inflight[packet_id]
+        del inflight[packet_id]
         if self.queue:
             self.pump()
         return True
 
     def pubrec(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
-        if entry is None or entry.state == WAIT_ACK:
+        if entry is None or entry[_STATE] == WAIT_ACK:
             return False
-        # The message is the client's now; keep only the id until PUBCOMP.
-        entry.state = WAIT_COMP
+        # The message is the client's now; keep only the id until PUBCOMP. Assigning
+        # to an existing key keeps its place, so redelivery order is unchanged.
+        message, qos, retain, _state = entry
+        self.inflight[packet_id] = (message, qos, retain, WAIT_COMP)
         return True
 
     def pubcomp(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
-        if entry is None or entry.state != WAIT_COMP:
+        if entry is None or entry[_STATE] != WAIT_COMP:
             return False
         del self.inflight[packet_id]
         if self.queue:
@@ -226,11 +232,11 @@ class Session:
     def attach(self, output: SessionOutput) -> None:
         """A connection took this session: redeliver what is unacknowledged, then the queue."""
         self.output = output
-        for packet_id, entry in self.inflight.items():
-            if entry.state == WAIT_COMP:
+        for packet_id, (message, qos, retain, state) in self.inflight.items():
+            if state == WAIT_COMP:
                 output.send_pubrel(packet_id)
             else:
-                output.send_publish(entry.message, entry.qos, entry.retain, True, packet_id)
+                output.send_publish(message, qos, retain, True, packet_id)
         self.pump()
 
     def detach(self, output: SessionOutput) -> None:
@@ -260,7 +266,7 @@ class SessionRegistry:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         self.router.unsubscribe_all(session)
-        lost = len(session.queue) + sum(1 for e in session.inflight.values() if e.state != WAIT_COMP)
+        lost = len(session.queue) + sum(1 for entry in session.inflight.values() if entry[_STATE] != WAIT_COMP)
         if lost and not session.clean:
             log.info("discarded session %r with %d undelivered messages", session.client_id, lost)
         session.queue.clear()

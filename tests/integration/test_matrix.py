@@ -14,7 +14,7 @@ import json
 import queue
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol as TypingProtocol
 from urllib.parse import quote, urlencode
@@ -38,8 +38,16 @@ class Subscriber(TypingProtocol):
     def close(self) -> None: ...
 
 
-@pytest.fixture(scope="module")
-def matrix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayThread, str]]:
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    uvloop = pytest.importorskip("uvloop")  # `polygate run` uses it when installed (polygate[fast])
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def matrix_gateway(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayThread, str]]:
     import os
     import secrets
 
@@ -54,7 +62,7 @@ def matrix_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[G
     saved = {k: os.environ.get(k) for k in ("POLYGATE_ROOT_USERNAME", "POLYGATE_ROOT_PASSWORD")}
     os.environ["POLYGATE_ROOT_USERNAME"] = ROOT_USER
     os.environ["POLYGATE_ROOT_PASSWORD"] = password
-    gw = GatewayThread.from_dict(loopback_config(tmp, server=server)).start()
+    gw = GatewayThread.from_dict(loopback_config(tmp, server=server), loop_factory=_loop_factory(request.param)).start()
     try:
         yield gw, password
     finally:

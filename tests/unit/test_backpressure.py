@@ -57,3 +57,19 @@ async def test_release_on_close_tells_blockers() -> None:
     publisher.hold.release(publisher)
     assert not queue.held and not publisher.hold
     await asyncio.wait_for(publisher.hold.wait(publisher, "p"), 1)  # nothing to wait for
+
+
+async def test_held_attribute_follows_the_blockers() -> None:
+    """`held` is what the MQTT hot path reads per PUBLISH instead of calling __bool__."""
+    publisher, first, second = FakePublisher(), FakeQueue(), FakeQueue()
+    assert not publisher.hold.held
+    first.held.hold(publisher)
+    second.held.hold(publisher)
+    assert publisher.hold.held
+    first.held.release_all()
+    assert publisher.hold.held  # still held by the second queue
+    second.held.release_all()
+    assert not publisher.hold.held
+    first.held.hold(publisher)
+    publisher.hold.release(publisher)
+    assert not publisher.hold.held and not publisher.hold

@@ -8,6 +8,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from gateway.errors import ProtocolError
+from gateway.router import Message, Router
 from gateway.mqtt import (
     CONNACK_IDENTIFIER_REJECTED,
     CONNACK_UNACCEPTABLE_PROTOCOL_VERSION,
@@ -41,6 +42,7 @@ from gateway.mqtt import (
     encode_puback,
     encode_pubcomp,
     encode_publish,
+    encode_publish_head,
     encode_pubrec,
     encode_pubrel,
     encode_remaining_length,
@@ -424,6 +426,54 @@ def test_publish_template_matches_encode_publish() -> None:
             assert template.header(qos, dup) + encode_packet_id(513) + payload == expected
     retained = PublishTemplate("a/b", b"r", retain=True)
     assert retained.encode(1, 2) == encode_publish("a/b", b"r", 1, True, False, 2)
+
+
+def test_publish_head_vectors() -> None:
+    # QoS 1, retain, DUP; topic "a/b"; 5-byte payload: remaining length 3+2 + 2 + 5 = 12.
+    assert encode_publish_head("a/b", 5, 1, True, True) == h("3b 0c 00 03 'a/b'")
+    assert encode_publish_head("a/b", 5) == h("30 0a 00 03 'a/b'")
+    assert encode_publish_head("a/b", 5, 2) == h("34 0c 00 03 'a/b'")
+    # 200-byte payload at QoS 0: 205 = 0xcd -> varint cd 01.
+    assert encode_publish_head("a/b", 200) == h("30 cd 01 00 03 'a/b'")
+
+
+def test_publish_head_refuses_impossible_combinations() -> None:
+    with pytest.raises(ValueError, match="QoS"):
+        encode_publish_head("a", 1, 3)
+    with pytest.raises(ValueError, match="DUP"):
+        encode_publish_head("a", 1, 0, dup=True)
+    with pytest.raises(ValueError, match="negative"):
+        encode_publish_head("a", -1)
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_publish_head("a", 268_435_455, 1)
+
+
+def test_publish_is_the_message_the_router_routes() -> None:
+    """An allowed PUBLISH is routed as it is: its Message fields are the routed message."""
+    packet = Publish("a/b", b"x", 1, True, True, 9)
+    assert isinstance(packet, Message)
+    assert (packet.topic, packet.payload, packet.qos, packet.retain) == ("a/b", b"x", 1, True)
+    assert packet != Message("a/b", b"x", 1, True)  # a packet still differs from a bare message
+    router = Router()
+    got: list[tuple[Message, int, bool]] = []
+
+    class Subscriber:
+        def deliver(self, message: Message, qos: int, retain: bool) -> None:
+            got.append((message, qos, retain))
+
+    router.subscribe(Subscriber(), "a/+", 2)
+    assert router.publish(packet) == 1
+    assert got == [(packet, 1, False)] and got[0][0] is packet
+    assert router.retained("a/b") == [packet]
+
+
+def test_two_byte_remaining_length_split_between_its_bytes() -> None:
+    wire = encode_publish("t", bytes(300), 1, False, False, 3)
+    assert wire[1] & 0x80 and wire[2] < 0x80  # two length bytes
+    for cut in (1, 2, 3):
+        decoder = MQTTDecoder()
+        assert decoder.packets(wire[:cut]) == []
+        assert decoder.packets(wire[cut:]) == [Publish("t", bytes(300), 1, False, False, 3)]
 
 
 def test_publish_template_refuses_impossible_combinations() -> None:

@@ -30,6 +30,7 @@ from gateway.mqtt import (
     encode,
     encode_packet_id,
     encode_publish,
+    encode_publish_head,
     encode_remaining_length,
 )
 
@@ -153,6 +154,29 @@ def test_fast_publish_encoders_agree_with_encode(packet: Publish) -> None:
         assert packet.packet_id is not None
         head = template.header(packet.qos, packet.dup)
         assert head + encode_packet_id(packet.packet_id) + packet.payload == wire
+
+
+@given(publishes())
+def test_publish_head_plus_id_plus_payload_is_the_generic_encoding(packet: Publish) -> None:
+    """The broker's fast path (one head per topic, size and flags) writes what `encode` writes."""
+    head = encode_publish_head(packet.topic, len(packet.payload), packet.qos, packet.retain, packet.dup)
+    packet_id = encode_packet_id(packet.packet_id) if packet.packet_id is not None else b""
+    assert head + packet_id + packet.payload == encode(packet)
+
+
+@settings(max_examples=40)
+@given(topic_names, st.integers(0, 3_000_000), qos_levels, st.booleans(), st.booleans())
+def test_publish_head_agrees_for_every_remaining_length_width(
+    topic: str, size: int, qos: int, retain: bool, dup: bool
+) -> None:
+    """Heads of one- to four-byte remaining lengths, checked against whole generic encodings."""
+    dup = dup and qos > 0
+    payload = bytes(size)
+    packet_id = 7 if qos else None
+    wire = encode_publish(topic, payload, qos, retain, dup, packet_id)
+    head = encode_publish_head(topic, size, qos, retain, dup)
+    assert wire.startswith(head)
+    assert len(wire) == len(head) + (2 if qos else 0) + size
 
 
 def decode_everything(decoder: MQTTDecoder, chunks: list[bytes]) -> None:
