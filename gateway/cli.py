@@ -32,6 +32,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         return _run_loop(config)
+    except ConfigError as exc:  # POLYGATE_EVENT_LOOP, checked as the loop is chosen
+        _print_problems("environment", exc.problems)
+        return EXIT_CONFIG
     except PolygateError as exc:
         log.error("%s", exc)
         return EXIT_ERROR

@@ -94,6 +94,7 @@ class Dispatcher:
             "negative", maxsize=size, ttl=auth.negative_cache_ttl
         )
         self._calls: Coalescer[Decision] = Coalescer.with_line(auth.max_inflight, wait_timeout=auth.timeout)
+        self._caching_decisions = self.decision_cache.ttl > 0 or self.negative_cache.ttl > 0
         self.stale_served = 0
         metrics.add_collector(
             cache_metrics(lambda: (self.identity_cache, self.authn_cache, self.decision_cache, self.negative_cache))
@@ -240,6 +241,9 @@ class Dispatcher:
         self, protocol: Protocol, action: Action, client_id: str, topic: str, identity: Identity
     ) -> Decision | None:
         """Answer from a cache or the provider's in-memory fast path, or None (then await)."""
+        if not self._caching_decisions:
+            # Nothing to look up or remember: straight to the provider's in-memory answer.
+            return self._decide_in_memory(action, topic, client_id, identity)
         key = self._decision_key(identity, client_id, action, topic)
         if self.decision_cache.ttl > 0:
             decision = self.decision_cache.get(key)
@@ -249,16 +253,19 @@ class Dispatcher:
             decision = self.negative_cache.get(key)
             if decision is not None:
                 return decision
-        if self._authorize_now is not None:
-            try:
-                decision = self._authorize_now(action, topic, client_id, identity)
-            except Exception:
-                log.exception("provider fast path failed; asking authorize()")
-                return None
-            if decision is not None:
-                self._remember(self.decision_cache, key, decision)
-            return decision
-        return None
+        decision = self._decide_in_memory(action, topic, client_id, identity)
+        if decision is not None:
+            self._remember(self.decision_cache, key, decision)
+        return decision
+
+    def _decide_in_memory(self, action: Action, topic: str, client_id: str, identity: Identity) -> Decision | None:
+        if self._authorize_now is None:
+            return None
+        try:
+            return self._authorize_now(action, topic, client_id, identity)
+        except Exception:
+            log.exception("provider fast path failed; asking authorize()")
+            return None
 
     async def _authorize(self, event: AuthEvent, identity: Identity) -> Decision:
         now = self.decide_now(event.protocol, event.action, event.client_id, event.topic, identity)
@@ -369,7 +376,8 @@ class SessionAuth:
     in-memory answer otherwise, or None when the caller must `await publish()`.
     """
 
-    __slots__ = ("_dispatcher", "_connect", "identity", "_required", "_metrics", "_protocol", "_client_id", "_allow")
+    __slots__ = ("_dispatcher", "_connect", "identity", "_required", "_metrics", "_protocol", "_client_id", "_allow",
+                 "_publish_keys")
 
     def __init__(self, dispatcher: Dispatcher, connect: AuthEvent, identity: Identity) -> None:
         self._dispatcher = dispatcher
@@ -380,13 +388,14 @@ class SessionAuth:
         self._required = dispatcher.requires_auth(connect.protocol)
         self._metrics = dispatcher.metrics.auth_decisions
         self._allow = Decision(outcome=Outcome.ALLOW, reason=_NOT_CHECKED, identity=identity)
+        self._publish_keys = {outcome: (self._protocol, Action.PUBLISH, outcome) for outcome in Outcome}
 
     def publish_now(self, topic: str) -> Decision | None:
         if not self._required:
             return self._allow
         decision = self._dispatcher.decide_now(self._protocol, Action.PUBLISH, self._client_id, topic, self.identity)
         if decision is not None:
-            self._metrics[(self._protocol, Action.PUBLISH, decision.outcome)] += 1
+            self._metrics[self._publish_keys[decision.outcome]] += 1
             if decision.outcome is not Outcome.ALLOW or audit.isEnabledFor(logging.DEBUG):
                 c = self._connect
                 _audit(c.protocol, Action.PUBLISH, c.client_id, c.username, topic, c.peer, decision)

@@ -82,6 +82,6 @@ def test_polygate_run_refuses_an_unknown_loop_before_opening_anything(tmp_path: 
         timeout=60,
         check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2  # a configuration error, like a bad YAML key
     assert "POLYGATE_EVENT_LOOP: 'fastest' is not one of auto, asyncio, uvloop" in result.stderr
     assert "listening on" not in result.stderr
