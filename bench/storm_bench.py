@@ -182,7 +182,7 @@ def storm_rabbitmq(root: Path, users_file: Path, users: auth_bench.BenchUsers, s
         for kind, group in ((DISTINCT, storm_users), (IDENTICAL, (users.load,) * clients)):
             log(f"{RABBITMQ_MQTT}: {clients} clients, {kind} credentials ...")
             runs.append(storm(broker, auth_bench.HTTP, kind, group, workers, broker_kind=RABBITMQ_MQTT,
-                              read_counts=functools.partial(read_service_counts, service)))
+                              read_counts=functools.partial(auth_bench.read_service_counts, service)))
     finally:
         for process in (broker, service):
             if process is not None:
