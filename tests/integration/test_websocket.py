@@ -460,9 +460,12 @@ async def test_slow_websocket_subscriber_holds_publisher_back(
         for i in range(total):
             publisher.client.publish("flood/x", i.to_bytes(4, "big") + payload, qos=1)
         deadline = time.monotonic() + 10
-        while gw.call(queued) < 50 and time.monotonic() < deadline:
+        most_queued = gw.call(queued)
+        while most_queued < 50 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        assert gw.call(queued) >= 50, "the session never saw the WebSocket congested"
+            most_queued = max(most_queued, gw.call(queued))
+        # The queue may drain again right after (the kernel takes more), so what counts is the peak.
+        assert most_queued >= 50, "the session never saw the WebSocket congested"
         received = []
         while len(received) < total:
             header, body = await slow.read_packet(timeout=10)
