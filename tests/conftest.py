@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -62,6 +64,15 @@ def gateway(start_gateway: Callable[..., GatewayThread]) -> GatewayThread:
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "auth.db")
+
+
+async def settle(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    """Poll `condition` on the running loop until it holds; fail after `deadline_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
 
 
 def cli_env() -> dict[str, str]:

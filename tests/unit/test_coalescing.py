@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.coalescing import Coalescer
+from tests.conftest import settle
 
 
 class Gate:
@@ -33,14 +34,6 @@ class Gate:
                 self.running -= 1
 
         return run  # type: ignore[return-value]
-
-
-async def settle(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + deadline_s
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
 
 
 def overloaded() -> str:

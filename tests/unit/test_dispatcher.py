@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from gateway.config_types import AuthConfig, LimitsConfig
 from gateway.dispatcher import Dispatcher
 from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol, Secret
 from gateway.metrics import Metrics
+from tests.conftest import settle
 
 
 class CountingProvider:
@@ -54,14 +54,6 @@ class CountingProvider:
         if event.topic.startswith("ok/"):
             return Decision.allow(identity)
         return Decision.deny("not allowed")
-
-
-async def wait_for(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + deadline_s
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
 
 
 def make(provider: CountingProvider, **auth: Any) -> Dispatcher:
@@ -152,7 +144,7 @@ async def test_admission_control_makes_misses_beyond_max_inflight_wait_their_tur
     provider.gate = asyncio.Event()
     dispatcher = make(provider, max_inflight=10)
     tasks = [asyncio.create_task(dispatcher.decide(connect(client_id=f"c{i}"))) for i in range(50)]
-    await wait_for(lambda: provider.authn_calls == 10)
+    await settle(lambda: provider.authn_calls == 10)
     assert dispatcher._calls.waiting == 40
     provider.gate.set()
     decisions = await asyncio.gather(*tasks)
