@@ -170,22 +170,17 @@ class Channel:
                     break
                 taken.append(unacked.popitem(last=False)[1])
             return taken
-        entry = unacked.pop(delivery_tag, None)
+        return [self._take_one(delivery_tag)]
+
+    def _take_one(self, delivery_tag: int) -> _Unacked:
+        entry = self.unacked.pop(delivery_tag, None)
         if entry is None:
             raise ChannelError(PRECONDITION_FAILED, f"unknown delivery tag {delivery_tag}")
-        return [entry]
+        return entry
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
-        if multiple:
-            for _, _, consumer in self._take(delivery_tag, multiple):
-                if consumer is not None:
-                    consumer.unacked -= 1
-        else:
-            # One tag per ack is what most consumers send: no list of one.
-            entry = self.unacked.pop(delivery_tag, None)
-            if entry is None:
-                raise ChannelError(PRECONDITION_FAILED, f"unknown delivery tag {delivery_tag}")
-            consumer = entry[2]
+        # One tag per ack is what most consumers send: no list of one for it.
+        for _, _, consumer in self._take(delivery_tag, True) if multiple else (self._take_one(delivery_tag),):
             if consumer is not None:
                 consumer.unacked -= 1
         self.refill()

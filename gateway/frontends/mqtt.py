@@ -104,7 +104,6 @@ class _SharedHead:
         self.head = b""
 
 
-
 class MQTTConnection(asyncio.Protocol):
     __slots__ = (
         "ctx", "listener", "registry", "loop", "transport", "decoder", "peer", "tls_identity",
