@@ -440,30 +440,28 @@ def evaluate_targets(measurements: Sequence[Measurement], brokers: Sequence[str]
 
     With `brokers` (those the run was asked for), targets about brokers nobody asked for are left out.
     """
+
+    def asked(*names: str) -> bool:
+        return brokers is None or all(name in brokers for name in names)
+
     targets: list[Target] = []
     cells = [cell for cell in _cells(measurements) if cell[0] == TARGET_QOS] or [(TARGET_QOS, 100, 1)]
     for cell in cells:
-        targets.append(_ratio_target(measurements, cell, peers.POLYGATE_LOCAL, peers.MOSQUITTO,
-                                     TARGET_MAX_VS_MOSQUITTO))
-        targets.append(_ratio_target(measurements, cell, peers.POLYGATE_LOCAL, peers.AMQTT,
-                                     TARGET_MIN_BELOW_AMQTT, at_most=False))
+        if asked(peers.POLYGATE_LOCAL, peers.MOSQUITTO):
+            targets.append(_ratio_target(measurements, cell, peers.POLYGATE_LOCAL, peers.MOSQUITTO,
+                                         TARGET_MAX_VS_MOSQUITTO))
+        if asked(peers.POLYGATE_LOCAL, peers.AMQTT):
+            targets.append(_ratio_target(measurements, cell, peers.POLYGATE_LOCAL, peers.AMQTT,
+                                         TARGET_MIN_BELOW_AMQTT, at_most=False))
         for gateway in WARM_CALLOUT:
-            targets.append(_ratio_target(measurements, cell, gateway, peers.MOSQUITTO,
-                                         TARGET_CALLOUT_MAX_VS_MOSQUITTO))
-            targets.append(_ratio_target(measurements, cell, gateway, mqtt_lineup.RABBITMQ_MQTT,
-                                         TARGET_CALLOUT_MAX_VS_RABBITMQ))
-            targets.append(_ratio_target(measurements, cell, gateway, peers.POLYGATE_NONE,
-                                         TARGET_CALLOUT_MAX_VS_NONE))
-            targets.append(_callout_target(measurements, cell, gateway))
-    if brokers is None:
-        return targets
-    return [t for t in targets if all(name in brokers for name in _names_in(t.description))]
-
-
-def _names_in(description: str) -> list[str]:
-    """The line-up names a target's description mentions (the longest match wins: polygate-grpc, not polygate)."""
-    words = description.replace("'s", " ").replace(":", " ").split()
-    return [word for word in words if word in mqtt_lineup.NAMES]
+            for baseline, limit in ((peers.MOSQUITTO, TARGET_CALLOUT_MAX_VS_MOSQUITTO),
+                                    (mqtt_lineup.RABBITMQ_MQTT, TARGET_CALLOUT_MAX_VS_RABBITMQ),
+                                    (peers.POLYGATE_NONE, TARGET_CALLOUT_MAX_VS_NONE)):
+                if asked(gateway, baseline):
+                    targets.append(_ratio_target(measurements, cell, gateway, baseline, limit))
+            if asked(gateway):
+                targets.append(_callout_target(measurements, cell, gateway))
+    return targets
 
 
 def run(options: BenchOptions, *, log: Callable[[str], None] = lambda line: None,

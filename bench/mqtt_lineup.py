@@ -78,7 +78,8 @@ class Lineup:
                                          health=True)
             return Started(broker, service, lambda: auth_bench.read_counts(broker))
         if name == RABBITMQ_MQTT:
-            from bench import rabbitmq  # imported only when asked for: it pulls in more than the rest
+            # Imported here: bench.rabbitmq imports bench.auth_bench, which imports this module's importer.
+            from bench import rabbitmq
 
             service = self._service("http")
             broker = rabbitmq.start_rabbitmq_mqtt(workdir, setup=self.setup,
@@ -89,9 +90,16 @@ class Lineup:
 
     @property
     def users(self) -> auth_bench.BenchUsers:
-        if self._users is None:
-            self._users = auth_bench.write_users(self.root / "auth-users.yaml", storm_clients=0, rounds=0)
+        self._users_file()
+        assert self._users is not None
         return self._users
+
+    def _users_file(self) -> Path:
+        """The users file the auth services read at start, written on first use."""
+        path = self.root / "auth-users.yaml"
+        if self._users is None:
+            self._users = auth_bench.write_users(path, storm_clients=0, rounds=0)
+        return path
 
     def _service(self, transport: str) -> peers.RunningBroker:
         service = self._services.get(transport)
@@ -99,9 +107,7 @@ class Lineup:
             name = f"auth-service-{transport}"
             workdir = self.root / name
             workdir.mkdir(parents=True, exist_ok=True)
-            self.users  # the service reads the users file at start
-            service = peers.start_auth_service(name, workdir, users_file=self.root / "auth-users.yaml",
-                                               transport=transport)
+            service = peers.start_auth_service(name, workdir, users_file=self._users_file(), transport=transport)
             self._services[transport] = service
         return service
 
