@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import pytest
 from auth_providers.callout import CalloutProvider, Durations, scrub
 from auth_providers.callout_grpc import GrpcTransport, channel_options, grpc_target
 from auth_providers.callout_http import cache_ttl
+from gateway.coalescing import WAITING_PER_SLOT
 from gateway.config_types import AuthConfig, CircuitBreakerConfig, LimitsConfig, TLSClientConfig
 from gateway.errors import ProviderUnavailable
 from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol, Secret
@@ -503,6 +505,20 @@ def test_a_miss_storm_never_holds_more_than_max_inflight_calls(
     assert sum(d.outcome is Outcome.ALLOW for d in decisions) >= 25
     maximum = service.thread.call(lambda: service.logic.max_in_flight)
     assert 1 < maximum <= 25
+
+
+@pytest.mark.parametrize("kind", ["grpc-broker", "http"])
+def test_a_connect_storm_beyond_max_inflight_waits_its_turn_instead_of_being_refused(
+    kind: str, make_service: Callable[[str], Service], callout_gateway: Callable[..., GatewayThread]
+) -> None:
+    service = make_service(kind)
+    service.logic.delay = 0.05
+    gw = callout_gateway(service, max_inflight=4)
+    clients = 4 + WAITING_PER_SLOT * 4  # every slot busy and the line full, nobody beyond it
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        codes = list(pool.map(lambda n: connack(gw, "alice", ALICE_PW, f"storm-{n}"), range(clients)))
+    assert codes == [0] * clients
+    assert 1 < service.thread.call(lambda: service.logic.max_in_flight) <= 4
 
 
 # -- secrets ------------------------------------------------------------------------------------------
