@@ -58,14 +58,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import hashlib
 import hmac
 import ipaddress
 import itertools
 import logging
 import math
+import os
 import secrets
+import select
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -80,9 +84,9 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import ACK, CON, RST
 from aiocoap.pipe import Pipe
 from aiocoap.tokenmanager import TokenManager
-from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+from aiocoap.transports.udp6 import MessageInterfaceUDP6, SockExtendedErr, UDP6EndpointAddress
 from aiocoap.util import socknumbers
-from aiocoap.util.asyncio.recvmsg import RecvmsgSelectorDatagramTransport, create_recvmsg_datagram_endpoint
+from aiocoap.util.asyncio.recvmsg import RecvmsgSelectorDatagramTransport
 
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
@@ -325,14 +329,225 @@ def block_of(payload: bytes, etag: bytes, number: int, szx: int) -> aiocoap.Mess
 
 # -- the UDP stack ---------------------------------------------------------------------------------
 
+#: Room for the control messages of one datagram (PKTINFO, or an extended error), as aiocoap reads them.
+_ANCILLARY_SIZE = 1024
+#: Datagrams (and queued ICMP errors) read per wakeup: a flooded listener still lets the loop run others.
+READ_BATCH = 64
+#: Tries to put one datagram on the wire; see `_RecvmsgTransport.sendmsg` for why more than one.
+SEND_ATTEMPTS = 3
+#: How often the watchdog looks for input on the socket that nobody reads, in seconds.
+WATCHDOG_INTERVAL = 1.0
+#: errnos of a socket that is gone: reading it again cannot succeed.
+_DEAD_SOCKET = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
+#: A protocol callback for one datagram read: (data, ancdata, flags, address).
+_Deliver = Callable[[bytes, list[tuple[int, int, bytes]], int, Any], None]
+#: The control messages that carry an ICMP error read from the error queue.
+_RECVERR_CMSGS = (
+    frozenset({(socket.IPPROTO_IPV6, socknumbers.IPV6_RECVERR), (socket.IPPROTO_IP, socknumbers.IP_RECVERR)})
+    if socknumbers.HAS_RECVERR else frozenset()
+)
+
+
+class _RecvmsgTransport(asyncio.BaseTransport):
+    """Reads and writes the listener's UDP socket, in place of aiocoap's `RecvmsgSelectorDatagramTransport`.
+
+    aiocoap's transport registers the socket itself with `loop.add_reader`. With
+    IP_RECVERR on (how ICMP errors reach aiocoap at all), an ICMP error queued on
+    the socket makes it poll POLLERR, and libuv takes POLLERR on a polled
+    descriptor for a dead one: `uv__poll_io` stops the watcher and uvloop's
+    `UVPoll._fatal_error` closes it. One port-unreachable from a client that
+    went away ended reading on uvloop for good, with nothing logged. Here the
+    socket sits in an epoll set of its own and the loop watches that set: an
+    epoll descriptor polls readable when the socket has data or errors, and
+    never POLLERR, so both loops keep calling the reader.
+
+    Errors never end reading: queued ICMP errors go to the protocol as
+    `datagram_errqueue_received` with the address they came back from, an
+    exception of the protocol is logged, and only a socket that is itself gone
+    (EBADF) stops the reader. A watchdog notices input that waits while the
+    reader is not called (the reader was removed from the loop) and `serving()`
+    says so.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: _UDPInterface, *, name: str
+    ) -> None:
+        super().__init__(extra={"socket": sock, "sockname": sock.getsockname()})
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._protocol = protocol
+        #: The listener's address, for logs.
+        self._name = name
+        self._errqueue = socknumbers.HAS_RECVERR
+        self._epoll: select.epoll | None = None
+        #: The descriptor registered with the loop: the epoll set's, else the socket's.
+        self.reader_fd = -1
+        self._reading = False
+        self._failure = ""
+        self._stalled = False
+        self._wakeups = 0
+        #: (wakeups, input waiting) when the watchdog last looked.
+        self._last_look = (0, False)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._probe = select.poll()
+
+    def start(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        sock.setblocking(False)
+        if self._errqueue:
+            # IP_RECVERR exists on Linux only, and so does epoll; elsewhere no ICMP
+            # error reaches an unconnected socket, so it never polls POLLERR.
+            self._epoll = select.epoll()
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            self.reader_fd = self._epoll.fileno()
+        else:
+            self.reader_fd = sock.fileno()
+        self._probe.register(self.reader_fd, select.POLLIN)
+        self._protocol.connection_made(self)
+        try:
+            self._loop.add_reader(self.reader_fd, self._read_ready)
+        except BaseException:
+            if self._epoll is not None:
+                self._epoll.close()
+            raise
+        self._reading = True
+        self._watchdog = self._loop.call_later(WATCHDOG_INTERVAL, self._watch)
+
+    def serving(self) -> bool:
+        """True while the socket is open and its reader runs."""
+        return self._sock is not None and not self._failure and not self._stalled
+
+    def is_closing(self) -> bool:
+        return self._sock is None
+
+    def close(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self._stop_reading()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._epoll is not None:
+            self._epoll.close()
+        sock.close()
+        if not self._loop.is_closed():
+            # aiocoap's shutdown() waits for this.
+            self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def sendmsg(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any) -> OSError | None:
+        """Send one datagram; the error of the last try when it could not be sent.
+
+        An ICMP error for any earlier datagram leaves an error pending on the
+        socket (IP_RECVERR sets it), and the next send fails with it, whatever
+        its destination, without sending. aiocoap blamed that send's remote and
+        ended its exchanges and observations (an innocent observer missed its
+        notification); the error belongs to the error queue's address and is
+        reported from there. The failed send consumed it, so the datagram goes
+        again: a failure that persists is this destination's own.
+        """
+        sock = self._sock
+        if sock is None:
+            return OSError(errno.EBADF, "the CoAP socket is closed")
+        error: OSError | None = None
+        for _ in range(SEND_ATTEMPTS):
+            try:
+                sock.sendmsg((data,), ancdata, flags, address)
+                return None
+            except BlockingIOError as exc:
+                # The send buffer is full: trying again at once would fail the same way.
+                return exc
+            except OSError as exc:
+                error = exc
+        return error
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self.reader_fd)
+
+    def _fail(self, reason: str) -> None:
+        self._stop_reading()
+        if not self._failure:
+            self._failure = reason
+            log.error(
+                "the CoAP listener on %s stopped reading its socket (%s): its requests go unanswered",
+                self._name, reason,
+            )
+
+    def _read_ready(self) -> None:
+        self._wakeups += 1
+        if self._stalled:
+            self._stalled = False
+            log.warning("the CoAP listener on %s reads its socket again", self._name)
+        sock = self._sock
+        if sock is None:
+            return
+        errors = self._errqueue
+        if self._epoll is not None:
+            # Ask the set what woke us: the error queue is read only when it has something.
+            try:
+                events = 0
+                for _, mask in self._epoll.poll(0):
+                    events |= mask
+            except OSError as exc:
+                self._fail(f"its epoll set failed: {exc}")
+                return
+            errors = bool(events & select.EPOLLERR)
+        if errors:
+            # First, so a pending error does not fail the reads below.
+            self._read_queue(sock, socknumbers.MSG_ERRQUEUE, self._protocol.datagram_errqueue_received)
+        if not self._failure:
+            self._read_queue(sock, 0, self._protocol.datagram_msg_received)
+
+    def _read_queue(self, sock: socket.socket, flags: int, deliver: _Deliver) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                data, ancdata, msg_flags, address = sock.recvmsg(MAX_DATAGRAM, _ANCILLARY_SIZE, flags)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _DEAD_SOCKET:
+                    self._fail(f"reading it failed: {exc}")
+                    return
+                # An ICMP error pending on the socket, which the error queue reports
+                # with its address; no datagram was read, the next one can be.
+                continue
+            try:
+                deliver(data, ancdata, msg_flags, address)
+            except Exception:
+                log.exception("the CoAP listener on %s could not handle a datagram from %s", self._name, address)
+
+    def _watch(self) -> None:
+        self._watchdog = self._loop.call_later(WATCHDOG_INTERVAL, self._watch)
+        if not self._reading or self._stalled:
+            return
+        waiting = bool(self._probe.poll(0))
+        wakeups, was_waiting = self._last_look
+        self._last_look = (self._wakeups, waiting)
+        # Input present at two looks with no read in between: the loop polled
+        # I/O in between (a look is a timer, set after the one before ran), so
+        # the reader is no longer registered with it.
+        if waiting and was_waiting and wakeups == self._wakeups:
+            self._stalled = True
+            log.error(
+                "the CoAP listener on %s stopped reading its socket (the loop no longer calls its reader): "
+                "its requests go unanswered", self._name,
+            )
+
 
 class _UDPInterface(MessageInterfaceUDP6):
-    """aiocoap's UDP transport on a socket bound here, dropping bad datagrams quietly.
+    """aiocoap's UDP message interface on a socket bound here, over `_RecvmsgTransport`.
 
     aiocoap's own would decode the first MAX_DATAGRAM bytes of a longer datagram
     as if they were the whole message (and publish a truncated payload), let a
     non-UTF-8 option escape as an exception, and log a warning per garbage
-    datagram, which any peer could use to flood the log.
+    datagram, which any peer could use to flood the log. A send that fails ends
+    the destination's exchanges on a later loop turn, not inside the send: see
+    `send`.
     """
 
     def __init__(
@@ -344,21 +559,60 @@ class _UDPInterface(MessageInterfaceUDP6):
         self._on_bad_datagram = on_bad_datagram
 
     @classmethod
-    async def open(
+    def open(
         cls, manager: MessageManager, sock: socket.socket, *, log: logging.Logger,
-        loop: asyncio.AbstractEventLoop, on_bad_datagram: Callable[[str], None],
-    ) -> _UDPInterface:
+        loop: asyncio.AbstractEventLoop, on_bad_datagram: Callable[[str], None], name: str,
+    ) -> tuple[_UDPInterface, _RecvmsgTransport]:
         # The same socket options aiocoap's udp6 sets: the local address per
         # datagram (answers leave from the address asked), and ICMP errors.
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         if socknumbers.HAS_RECVERR:
             sock.setsockopt(socket.IPPROTO_IPV6, socknumbers.IPV6_RECVERR, 1)
             sock.setsockopt(socket.IPPROTO_IP, socknumbers.IP_RECVERR, 1)
-        _, protocol = await create_recvmsg_datagram_endpoint(
-            loop, lambda: cls(manager, log, loop, on_bad_datagram=on_bad_datagram), sock=sock
-        )
-        await protocol.ready
-        return protocol  # type: ignore[no-any-return]
+        interface = cls(manager, log, loop, on_bad_datagram=on_bad_datagram)
+        transport = _RecvmsgTransport(loop, sock, interface, name=name)
+        transport.start()
+        return interface, transport
+
+    def send(self, message: aiocoap.Message) -> None:
+        ancdata = []
+        if message.remote.pktinfo is not None:
+            ancdata.append((socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, message.remote.pktinfo))
+        error = self.transport.sendmsg(message.encode(), ancdata, 0, message.remote.sockaddr)
+        if error is not None:
+            # Not now: this runs inside the Pipe.add_response that sends the
+            # message, ending the remote's exchanges ends that pipe, and
+            # aiocoap's pipe raises TypeError when it ends inside its own event.
+            self.loop.call_soon(self._dispatch_error, error, message.remote)
+
+    def _dispatch_error(self, error: OSError, remote: UDP6EndpointAddress) -> None:
+        if self._shutting_down is not None:
+            # aiocoap's message layer warns about errors after its shutdown.
+            return
+        try:
+            self._manager.dispatch_error(error, remote)
+        except Exception:
+            log.exception("ending the CoAP exchanges with %s after %s failed", _peer(remote)[1], error)
+
+    def datagram_errqueue_received(
+        self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any
+    ) -> None:
+        # aiocoap's asserts every control message is IPv6's, and an ICMPv4 error
+        # on this dual-stack socket may carry IPv4 ones as well.
+        errno_value: int | None = None
+        pktinfo = None
+        for level, kind, value in ancdata:
+            if (level, kind) in _RECVERR_CMSGS:
+                try:
+                    errno_value = SockExtendedErr.load(value).ee_errno
+                except struct.error:
+                    continue
+            elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                pktinfo = value
+        if not errno_value or not address:
+            return
+        remote = UDP6EndpointAddress(address, self, pktinfo=pktinfo)
+        self._dispatch_error(OSError(errno_value, f"{os.strerror(errno_value)} (ICMP error)"), remote)
 
     def datagram_msg_received(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any) -> None:
         if flags & socket.MSG_TRUNC:
@@ -404,11 +658,15 @@ class _MessageLayer(MessageManager):
             self._answers.pop((message.remote, message.mid), None)
 
     def dispatch_message(self, message: aiocoap.Message) -> None:
-        super().dispatch_message(message)
-        if (message.mtype is ACK or message.mtype is RST) and self._answers:
-            future = self._answers.pop((message.remote, message.mid), None)
-            if future is not None and not future.done():
-                future.set_result(None)
+        try:
+            super().dispatch_message(message)
+        finally:
+            # Even when aiocoap's handling raised: the answer came, and a waiting
+            # observation would otherwise stall until its deadline.
+            if (message.mtype is ACK or message.mtype is RST) and self._answers:
+                future = self._answers.pop((message.remote, message.mid), None)
+                if future is not None and not future.done():
+                    future.set_result(None)
 
 
 class CatchAllSite:
@@ -432,6 +690,8 @@ class UDPContext:
 
     context: aiocoap.Context
     layer: _MessageLayer
+    #: Reads and writes the socket; `serving()` tells whether it still reads.
+    transport: _RecvmsgTransport
     #: (host, port) actually bound, IPv4-mapped addresses shown as IPv4.
     bound: tuple[str, int]
 
@@ -467,16 +727,19 @@ async def open_udp_context(
         context = aiocoap.Context(loop=loop, serversite=site, loggername="polygate.coap.aiocoap")
         tokens = TokenManager(context)
         layer = _MessageLayer(tokens)
-        interface = await _UDPInterface.open(layer, sock, log=context.log, loop=loop, on_bad_datagram=on_bad_datagram)
+        bound_host, bound_port = sock.getsockname()[:2]
+        mapped = ipaddress.IPv6Address(bound_host.partition("%")[0]).ipv4_mapped
+        bound = (str(mapped) if mapped else bound_host, bound_port)
+        interface, transport = _UDPInterface.open(
+            layer, sock, log=context.log, loop=loop, on_bad_datagram=on_bad_datagram, name=format_peer(*bound),
+        )
     except BaseException:
         sock.close()
         raise
     layer.message_interface = interface
     tokens.token_interface = layer
     context.request_interfaces.append(tokens)
-    bound_host, bound_port = sock.getsockname()[:2]
-    mapped = ipaddress.IPv6Address(bound_host.partition("%")[0]).ipv4_mapped
-    return UDPContext(context=context, layer=layer, bound=(str(mapped) if mapped else bound_host, bound_port))
+    return UDPContext(context=context, layer=layer, transport=transport, bound=bound)
 
 
 # -- block-wise transfers ---------------------------------------------------------------------------
@@ -747,6 +1010,16 @@ class CoAPFrontend:
     def layer(self) -> _MessageLayer:
         assert self._udp is not None
         return self._udp.layer
+
+    def serving(self) -> bool:
+        """False when this listener's socket is no longer read (its reader failed or left the loop).
+
+        A reader that left the loop is noticed once input waited unread for
+        one to two WATCHDOG_INTERVALs; the transport logs the ERROR then. A
+        listener not started, or closed, is not serving either.
+        """
+        udp = self._udp
+        return udp is not None and udp.transport.serving()
 
     async def stop_accepting(self) -> None:
         # UDP has nothing to stop listening on: new requests are answered 5.03 from now on.

@@ -1,10 +1,17 @@
-"""The CoAP frontend seen from aiocoap's client (and raw datagrams) against the real gateway."""
+"""The CoAP frontend seen from aiocoap's client (and raw datagrams) against the real gateway.
+
+Every test runs twice: on asyncio and on uvloop (what `polygate run` uses when
+installed). The gateway's thread and the test's own loop (its clients, and a
+frontend a test builds itself) are of the same kind.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +30,7 @@ from gateway.config import parse_config
 from gateway.context import FrontendContext
 from gateway.dispatcher import Dispatcher
 from gateway.events import AuthEvent, Decision, Identity, Protocol, Secret
+from gateway.frontends import coap as coap_module
 from gateway.frontends.coap import CoAPFrontend
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimits
@@ -35,6 +43,46 @@ from tests.paho_client import PahoClient
 DEADLINE = 5.0
 COAP = {"coap": {"plain": {"addr": "127.0.0.1:0"}}}
 StartGateway = Callable[..., GatewayThread]
+LOOPS = ("asyncio", "uvloop")
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    uvloop = pytest.importorskip("uvloop")
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def loop_name(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy(loop_name: str) -> asyncio.AbstractEventLoopPolicy:
+    """pytest-asyncio's: the test's own loop is of the module's kind too."""
+    if loop_name == "asyncio":
+        return asyncio.DefaultEventLoopPolicy()
+    return pytest.importorskip("uvloop").EventLoopPolicy()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def start_gateway(start_gateway: StartGateway, loop_name: str, monkeypatch: pytest.MonkeyPatch) -> StartGateway:
+    """conftest's `start_gateway`, each gateway on the module's loop.
+
+    conftest builds every gateway with `GatewayThread.from_dict`; defaulting its
+    loop_factory here keeps the rest of what conftest does for a gateway
+    (its config, its cleanup) in one place.
+    """
+    factory = _loop_factory(loop_name)
+    build = GatewayThread.from_dict
+
+    def from_dict(data: dict[str, Any], *, provider: Any = None,
+                  loop_factory: Callable[[], asyncio.AbstractEventLoop] = factory) -> GatewayThread:
+        return build(data, provider=provider, loop_factory=loop_factory)
+
+    monkeypatch.setattr(GatewayThread, "from_dict", from_dict)
+    return start_gateway
 
 
 def coap_uri(port: int, topic: str, **query: Any) -> str:
@@ -107,6 +155,29 @@ def subscriptions(gw: GatewayThread) -> int:
 
 def paho(gw: GatewayThread, root_password: str, client_id: str) -> PahoClient:
     return PahoClient(gw.mqtt_port, client_id=client_id, username=ROOT_USER, password=root_password).connect_ok()
+
+
+def coap_frontend(gw: GatewayThread) -> CoAPFrontend:
+    assert gw.gateway is not None
+    frontend = gw.gateway.frontends["coap"][0]
+    assert isinstance(frontend, CoAPFrontend)
+    return frontend
+
+
+def serving(gw: GatewayThread) -> bool:
+    return gw.call(coap_frontend(gw).serving)
+
+
+def coap_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """ERROR records of the CoAP frontend and of its aiocoap stack (polygate.coap.aiocoap)."""
+    return [
+        f"{record.name}: {record.getMessage()}" for record in caplog.records
+        if record.levelno >= logging.ERROR and record.name.startswith("polygate.coap")
+    ]
+
+
+async def new_client() -> aiocoap.Context:
+    return await aiocoap.Context.create_client_context(transports=["udp6"])
 
 
 # -- publish and observe ---------------------------------------------------------------------------
@@ -227,6 +298,21 @@ class RawPeer:
         data, _ = self.sock.recvfrom(65536)
         return Message.decode(data)
 
+    def response(self) -> Message:
+        """The next answer, acknowledged if confirmable.
+
+        An answer slower than aiocoap's EMPTY_ACK_DELAY (a loaded machine)
+        comes as an empty ACK and then a CON of its own, not piggybacked.
+        """
+        while True:
+            message = self.receive()
+            if message.mtype is CON:
+                ack = Message(code=codes.EMPTY)
+                ack.mtype, ack.mid = ACK, message.mid
+                self.sock.sendto(ack.encode(), self.address)
+            if message.code != codes.EMPTY:
+                return message
+
     def close(self) -> None:
         self.sock.close()
 
@@ -247,11 +333,11 @@ async def test_deregistration_with_observe_1_removes_the_subscription(
     peer = RawPeer(gw.port("coap"))
     try:
         peer.send(raw_get(("d", "#"), root, token=b"\x07\x07", observe=0))
-        first = await asyncio.to_thread(peer.receive)
-        assert (first.mtype, first.code, first.opt.observe, first.token) == (ACK, codes.CONTENT, 0, b"\x07\x07")
+        first = await asyncio.to_thread(peer.response)
+        assert (first.code, first.opt.observe, first.token) == (codes.CONTENT, 0, b"\x07\x07")
         assert subscriptions(gw) == 1
         peer.send(raw_get(("d", "x"), root, token=b"\x07\x07", observe=1))
-        answer = await asyncio.to_thread(peer.receive)
+        answer = await asyncio.to_thread(peer.response)
         assert answer.code == codes.NOT_FOUND  # answered as a plain GET: nothing retained on d/x
         await wait_for(lambda: subscriptions(gw) == 0, "the deregistered subscription to go")
     finally:
@@ -301,7 +387,7 @@ async def test_observer_that_stops_acknowledging_loses_its_subscription() -> Non
     peer = RawPeer(frontend.bound[1])
     try:
         peer.send(raw_get(("q",), {}, token=b"\x01", observe=0))
-        assert (await asyncio.to_thread(peer.receive)).opt.observe == 0
+        assert (await asyncio.to_thread(peer.response)).opt.observe == 0
         assert router.subscription_count == 1 and state.count() == 1
         router.publish(RouterMessage("q", b"are you there?", 1))
         # The peer reads but never acknowledges: the CON is sent 1 + MAX_RETRANSMIT times, then given up.
@@ -342,6 +428,175 @@ async def test_shutdown_ends_observations_with_5_03(
     final = await observer.next()
     assert final.code == codes.SERVICE_UNAVAILABLE
     assert b"shutting down" in final.payload
+
+
+# -- clients that vanish, and a listener that stops reading ----------------------------------------
+#
+# A datagram to a port that closed comes back as an ICMP port-unreachable,
+# queued on the listener's socket (IP_RECVERR): on uvloop that used to end the
+# reading of the socket for good, and on both loops the pending error failed
+# the next send, whoever it went to.
+
+
+class HeldAuth(AllowAll):
+    """Allows everything, once the test releases it: until then authentication waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = threading.Event()
+        self.release = threading.Event()
+
+    async def authenticate(self, event: AuthEvent) -> Decision:
+        self.asked.set()
+        await asyncio.to_thread(self.release.wait, DEADLINE)
+        return await super().authenticate(event)
+
+
+def record_errors(gw: GatewayThread) -> list[Any]:
+    """The remotes the CoAP message layer is told about an error for (an ICMP error, a failed send), in order."""
+    remotes: list[Any] = []
+    layer = coap_frontend(gw).layer
+    dispatch = layer.dispatch_error
+
+    def recording(error: Exception, remote: Any) -> None:
+        remotes.append(remote)
+        dispatch(error, remote)
+
+    gw.call(lambda: setattr(layer, "dispatch_error", recording))
+    return remotes
+
+
+async def test_vanished_observers_leave_the_listener_serving(
+    start_gateway: StartGateway, root_password: str, root: dict[str, str], client: aiocoap.Context,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = start_gateway(server=COAP)
+    port = gw.port("coap")
+    live = await observe(client, coap_uri(port, "v/#", **root), blockwise=False)
+    # Two observers that go without deregistering: an aiocoap client shut down, and a raw socket closed.
+    gone = await new_client()
+    try:
+        await observe(gone, coap_uri(port, "v/#", **root))
+    finally:
+        await gone.shutdown()
+    raw = RawPeer(port)
+    try:
+        raw.send(raw_get(("v", "#"), root, token=b"\x0f", observe=0))
+        assert (await asyncio.to_thread(raw.response)).opt.observe == 0
+    finally:
+        raw.close()
+    assert subscriptions(gw) == 3
+    pub = paho(gw, root_password, "pub")
+    try:
+        # Notifications to both closed ports: each comes back as an ICMP error, which ends its observation.
+        for qos in (0, 1):
+            pub.publish("v/x", b"qos %d" % qos, qos=qos)
+            assert (await live.next()).payload == b"qos %d" % qos
+        await wait_for(lambda: subscriptions(gw) == 1, "the ICMP errors to end the vanished observations")
+    finally:
+        pub.disconnect()
+    fresh = await new_client()
+    try:
+        response = await request(fresh, POST, coap_uri(port, "v/after", **root, qos=1, retain=1), b"after")
+        assert response.code == codes.CHANGED
+        assert (await live.next()).payload == b"after"
+        assert (await request(fresh, GET, coap_uri(port, "v/after", **root))).payload == b"after"
+    finally:
+        await fresh.shutdown()
+    assert not coap_errors(caplog)
+    assert serving(gw)
+
+
+async def test_con_get_whose_client_closed_before_the_reply_leaves_the_listener_serving(
+    start_gateway: StartGateway, client: aiocoap.Context
+) -> None:
+    provider = HeldAuth()
+    gw = start_gateway(server=COAP, provider=provider)
+    port = gw.port("coap")
+    errors = record_errors(gw)
+    peer = RawPeer(port)
+    closed_port = peer.sock.getsockname()[1]
+    try:
+        peer.send(raw_get(("h", "x"), {"username": "u", "password": "p"}, token=b"\x0b", observe=None))
+        assert await asyncio.to_thread(provider.asked.wait, DEADLINE)
+    finally:
+        peer.close()
+    provider.release.set()
+    # The reply (4.04: nothing retained) goes to the closed port and its ICMP error comes back.
+    await wait_for(lambda: any(remote.sockaddr[1] == closed_port for remote in errors), "the ICMP error")
+    for index in range(3):
+        response = await request(client, POST, coap_uri(port, f"h/{index}", username="u", password="p"), b"x")
+        assert response.code == codes.CHANGED
+    assert serving(gw)
+
+
+async def test_21_sequential_clients_are_all_answered(
+    start_gateway: StartGateway, root: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each client opens its own context, asks once and shuts down; an observer leaves without
+    deregistering, so later publishes send notifications to closed ports in between."""
+    gw = start_gateway(server=COAP)
+    port = gw.port("coap")
+    for index in range(21):
+        context = await new_client()
+        try:
+            if index % 3 == 0:
+                await observe(context, coap_uri(port, "seq/#", **root))
+            elif index % 3 == 1:
+                uri = coap_uri(port, f"seq/{index}", **root, qos=1, retain=1)
+                assert (await request(context, POST, uri, b"%d" % index)).code == codes.CHANGED, index
+            else:
+                response = await request(context, GET, coap_uri(port, f"seq/{index - 1}", **root))
+                assert (response.code, response.payload) == (codes.CONTENT, b"%d" % (index - 1)), index
+        finally:
+            await context.shutdown()
+    assert not coap_errors(caplog)
+    assert serving(gw)
+
+
+async def test_sequential_observers_each_get_every_notification(
+    start_gateway: StartGateway, root: dict[str, str], client: aiocoap.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = start_gateway(server=COAP)
+    port = gw.port("coap")
+    for index in range(6):
+        context = await new_client()
+        try:
+            observer = await observe(context, coap_uri(port, "so/#", **root), blockwise=False)
+            for qos in (1, 0):
+                payload = b"%d qos %d" % (index, qos)
+                response = await request(client, POST, coap_uri(port, f"so/{index}", **root, qos=qos), payload)
+                assert response.code == codes.CHANGED
+                note = await observer.next()
+                assert (note.payload, note.opt.location_path) == (payload, ("so", str(index)))
+        finally:
+            # Without deregistering: the next notification of this observation meets a closed port.
+            await context.shutdown()
+    assert not coap_errors(caplog)
+    assert serving(gw)
+
+
+async def test_serving_is_false_once_the_socket_is_no_longer_read(
+    start_gateway: StartGateway, root: dict[str, str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The watchdog's verdict takes one to two intervals of input waiting; a short one keeps the test short.
+    monkeypatch.setattr(coap_module, "WATCHDOG_INTERVAL", 0.1)
+    gw = start_gateway(server=COAP)
+    port = gw.port("coap")
+    assert serving(gw)
+    reader_fd = coap_frontend(gw).layer.message_interface.transport.reader_fd
+    gw.call(lambda: gw.loop.remove_reader(reader_fd))  # what uvloop did on an ICMP error, silently
+    peer = RawPeer(port)
+    try:
+        # Input that waits: the watchdog notices nobody reads it.
+        peer.send(raw_get(("t",), root, token=b"\x05", observe=None))
+        await wait_for(lambda: not serving(gw), "serving() to turn False")
+    finally:
+        peer.close()
+    gw.stop()
+    stopped = [error for error in coap_errors(caplog) if "stopped reading its socket" in error]
+    assert len(stopped) == 1, stopped
 
 
 # -- auth ------------------------------------------------------------------------------------------

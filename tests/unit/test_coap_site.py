@@ -1,4 +1,8 @@
-"""The CoAP frontend's root site, UDP stack and request parsing, without a gateway."""
+"""The CoAP frontend's root site, UDP stack and request parsing, without a gateway.
+
+Every test runs on asyncio and on uvloop (the UDP stack reads its socket
+through the loop, and uvloop's polling differs).
+"""
 
 from __future__ import annotations
 
@@ -26,20 +30,35 @@ from gateway.frontends.coap import (
     parse_query,
     publish_topic,
 )
+from tests.conftest import settle
 
 DEADLINE = 5.0
 
 
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """pytest-asyncio's: each test once per loop."""
+    if request.param == "asyncio":
+        return asyncio.DefaultEventLoopPolicy()
+    return pytest.importorskip("uvloop").EventLoopPolicy()  # type: ignore[no-any-return]
+
+
 class Recorder:
-    """A handler that answers every request with its Uri-Path, and remembers the paths."""
+    """A handler that answers every request with its Uri-Path, and remembers the paths.
+
+    A request for `/hold` is answered once `release` is set.
+    """
 
     def __init__(self) -> None:
         self.paths: list[tuple[str, ...]] = []
         self.bad: list[str] = []
+        self.release = asyncio.Event()
 
     async def handle(self, pipe: Pipe) -> None:
         path = tuple(pipe.request.opt.uri_path)
         self.paths.append(path)
+        if path == ("hold",):
+            await self.release.wait()
         pipe.add_response(Message(code=codes.CONTENT, payload="/".join(path).encode()), is_last=True)
 
 
@@ -97,6 +116,54 @@ async def test_bad_datagrams_are_dropped_quietly_and_counted(
     assert (await ask(client, f"coap://127.0.0.1:{port}/after")).payload == b"after"
     assert sorted(recorder.bad) == ["datagram_too_large", "datagram_too_large", "malformed_datagram"]
     assert recorder.paths == [("after",)]
+
+
+def closed_port() -> int:
+    """A loopback UDP port nobody listens on: a datagram to it comes back as an ICMP port-unreachable."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_peer_gone_before_its_reply_does_not_stop_the_reading(
+    served: tuple[Recorder, UDPContext, aiocoap.Context],
+) -> None:
+    recorder, udp, client = served
+    port = udp.bound[1]
+    held = Message(code=GET, uri_path=("hold",))
+    held.mtype, held.mid, held.token = aiocoap.CON, 7, b"\x01"
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        raw.sendto(held.encode(), ("127.0.0.1", port))
+        await settle(lambda: ("hold",) in recorder.paths, DEADLINE)
+    finally:
+        raw.close()
+    # The reply goes to the closed port; its ICMP error is queued on the listener's socket.
+    recorder.release.set()
+    for index in range(3):
+        assert (await ask(client, f"coap://127.0.0.1:{port}/after/{index}")).payload == f"after/{index}".encode()
+    assert udp.transport.serving()
+
+
+async def test_a_send_right_after_an_icmp_error_for_another_peer_goes_out(
+    served: tuple[Recorder, UDPContext, aiocoap.Context],
+) -> None:
+    _, udp, client = served
+    transport = udp.layer.message_interface.transport
+    closed = ("::ffff:127.0.0.1", closed_port())
+    live = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        live.bind(("127.0.0.1", 0))
+        live.settimeout(DEADLINE)
+        address = ("::ffff:127.0.0.1", live.getsockname()[1])
+        for index in range(3):
+            # Over loopback the ICMP error is back within the first send, pending on the socket.
+            transport.sendmsg(b"to a closed port", [], 0, closed)
+            transport.sendmsg(b"%d" % index, [], 0, address)
+        assert [await asyncio.to_thread(live.recv, 100) for _ in range(3)] == [b"0", b"1", b"2"]
+    finally:
+        live.close()
+    assert (await ask(client, f"coap://127.0.0.1:{udp.bound[1]}/still")).payload == b"still"
 
 
 async def test_a_busy_port_is_an_error_not_a_shared_socket(
