@@ -213,21 +213,16 @@ class _Patterns:
     def match_topic(self, topic: str, levels: list[str]) -> bool:
         return topic in self.exact or self._trie.matches(levels)
 
+    def intersecting(self, topic_filter: str) -> tuple[str, ...]:
+        """The patterns that could match at least one topic of the filter."""
+        return tuple(sorted(p for p in (*self.exact, *self.wild) if filters_intersect(p, topic_filter)))
+
     def cover_filter(self, topic_filter: str) -> bool:
         # A literal pattern covers only the identical filter.
         if topic_filter in self.exact:
             return True
         for pattern in self.wild:
             if filter_covers(pattern, topic_filter):
-                return True
-        return False
-
-    def intersect_filter(self, topic_filter: str) -> bool:
-        for pattern in self.exact:
-            if filters_intersect(pattern, topic_filter):
-                return True
-        for pattern in self.wild:
-            if filters_intersect(pattern, topic_filter):
                 return True
         return False
 
@@ -264,9 +259,16 @@ class CompiledAcl:
         return Decision.deny(f"no ACL entry allows publish on {topic!r}")
 
     def check_subscribe(self, topic_filter: str) -> Decision:
-        """Authorize the filter as written: one allow entry must cover all of it."""
-        if self._subscribe_deny.intersect_filter(topic_filter):
+        """Authorize the filter as written: one allow entry must cover all of it.
+
+        A deny entry that covers the whole filter refuses it; deny entries that
+        cover part of it narrow it: the subscription is granted with them as
+        exclusions, applied to each message at delivery.
+        """
+        deny = self._subscribe_deny
+        if deny.cover_filter(topic_filter):
             return Decision.deny(f"a deny ACL entry forbids subscribe to {topic_filter!r}")
-        if self._subscribe_allow.cover_filter(topic_filter):
-            return _ALLOW
-        return Decision.deny(f"no ACL entry allows subscribe to {topic_filter!r}")
+        if not self._subscribe_allow.cover_filter(topic_filter):
+            return Decision.deny(f"no ACL entry allows subscribe to {topic_filter!r}")
+        exclusions = deny.intersecting(topic_filter)
+        return Decision.allow(exclusions=exclusions) if exclusions else _ALLOW

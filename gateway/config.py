@@ -34,10 +34,14 @@ from gateway.config_types import (
     LimitsConfig,
     ListenerConfig,
     LocalConfig,
+    MQTTConfig,
+    OVERFLOW_POLICIES,
     RateConfig,
     RatelimitConfig,
     ServerConfig,
+    StorageConfig,
     TLSClientConfig,
+    total_memory,
 )
 from gateway.errors import ConfigError
 from gateway.events import Protocol
@@ -52,9 +56,11 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "LocalConfig",
+    "MQTTConfig",
     "RateConfig",
     "RatelimitConfig",
     "ServerConfig",
+    "StorageConfig",
     "TLSClientConfig",
     "check_config_file",
     "default_config",
@@ -63,6 +69,7 @@ __all__ = [
     "parse_addr",
     "parse_config",
     "parse_duration",
+    "parse_size",
 ]
 
 #: Listener kinds whose frontend exists. Enabling any other kind is a startup
@@ -166,6 +173,34 @@ def format_duration(seconds: float) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts)
+
+
+# --------------------------------------------------------------------------- sizes
+
+_SIZE_UNITS: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        "": 1, "b": 1,
+        "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+        "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    }
+)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", re.ASCII)
+_SIZE_HINT: Final = "use e.g. 256MB, 64KiB, 1GB or a number of bytes"
+
+
+def parse_size(text: object) -> int:
+    """Bytes in a size: an integer, or "256MB" (1000-based), "64KiB" (1024-based). Raises ValueError."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ValueError(f"invalid size {_show(text)} ({_SIZE_HINT})")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"negative size {text} is not allowed")
+        return text
+    match = _SIZE.fullmatch(text.strip())
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        raise ValueError(f"invalid size {_quote(text)} ({_SIZE_HINT})")
+    return int(Fraction(match.group(1)) * unit)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -418,6 +453,31 @@ def _duration(*, positive: bool = False) -> Converter:
         return seconds
 
     return convert
+
+
+def _size(*, minimum: int = 0) -> Converter:
+    def convert(reader: _Reader, path: str, raw: object) -> object:
+        try:
+            size = parse_size(raw)
+        except ValueError as exc:
+            reader.problem(path, str(exc))
+            return _INVALID
+        if size < minimum:
+            reader.problem(path, f"must be at least {minimum} bytes (got {_show(raw)})")
+            return _INVALID
+        return size
+
+    return convert
+
+
+def _watermark(reader: _Reader, path: str, raw: object) -> object:
+    """A fraction of RAM (0 < x <= 1; 0 turns the watermark off) or a size in bytes ("2GB")."""
+    if isinstance(raw, float) or (isinstance(raw, int) and not isinstance(raw, bool) and raw in (0, 1)):
+        if not 0 <= raw <= 1:
+            reader.problem(path, f"a fraction of RAM must be between 0 and 1 (got {_show(raw)}); write a size such as 2GB for bytes")
+            return _INVALID
+        return int(raw * total_memory())
+    return _size()(reader, path, raw)
 
 
 def _choice(*options: str) -> Converter:
@@ -821,6 +881,28 @@ _PROVIDER_CHECKS: Final[Mapping[str, Callable[[_Reader, AuthConfig], None]]] = M
 
 # --------------------------------------------------------------------------- the document
 
+_OVERFLOW_KEYS: Final = (Protocol.MQTT, Protocol.AMQP091, Protocol.AMQP, Protocol.HTTP, Protocol.COAP)
+
+
+def _overflow(reader: _Reader, path: str, raw: object) -> object:
+    given = reader.mapping(path, raw)
+    if given is None:
+        return _INVALID
+    result = dict(LimitsConfig().queue_overflow)
+    names = {p.value: p for p in _OVERFLOW_KEYS}
+    for key, value in given.items():
+        protocol = names.get(key)
+        if protocol is None:
+            close = difflib.get_close_matches(key, list(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (one of {', '.join(names)})"
+            reader.problem(_join(path, key), f"unknown protocol{hint}")
+            continue
+        policy = _choice(*OVERFLOW_POLICIES)(reader, _join(path, key), value)
+        if policy is not _INVALID:
+            result[protocol] = policy  # type: ignore[assignment]
+    return MappingProxyType(result)
+
+
 _RATE: Final[Mapping[str, Converter]] = MappingProxyType(
     {"enabled": _boolean, "rate": _positive_number, "burst": _integer(1)}
 )
@@ -839,9 +921,16 @@ _LIMITS: Final[Mapping[str, Converter]] = MappingProxyType(
         "max_queued_messages": _integer(1),
         "max_inflight_messages": _integer(1, 65535),
         "max_retained_messages": _integer(0),
+        "max_queued_bytes": _size(minimum=1),
+        "queue_overflow": _overflow,
+        "memory_high_watermark": _watermark,
     }
 )
-_TOP_LEVEL: Final = ("server", "auth", "ratelimit", "limits")
+_STORAGE: Final[Mapping[str, Converter]] = MappingProxyType(
+    {"backend": _choice("sqlite", "memory"), "path": _string, "fsync": _choice("always", "batch", "never")}
+)
+_MQTT: Final[Mapping[str, Converter]] = MappingProxyType({"session_expiry": _duration(positive=True)})
+_TOP_LEVEL: Final = ("server", "auth", "ratelimit", "limits", "storage", "mqtt")
 
 
 def _read_document(reader: _Reader, data: object, source: str | None) -> GatewayConfig:
@@ -854,11 +943,17 @@ def _read_document(reader: _Reader, data: object, source: str | None) -> Gateway
     auth = _read_auth(reader, given.get("auth"))
     ratelimit = _section(_RATELIMIT_DEFAULTS, _RATELIMIT)(reader, "ratelimit", given.get("ratelimit"))
     limits = _section(LimitsConfig(), _LIMITS)(reader, "limits", given.get("limits"))
+    storage = _section(StorageConfig(), _STORAGE)(reader, "storage", given.get("storage"))
+    if isinstance(storage, StorageConfig) and storage.backend == "sqlite" and not storage.path:
+        reader.problem("storage.path", "required when storage.backend is sqlite (a directory)")
+    mqtt = _section(MQTTConfig(), _MQTT)(reader, "mqtt", given.get("mqtt"))
     return GatewayConfig(
         server=server,
         auth=auth,
         ratelimit=ratelimit if isinstance(ratelimit, RatelimitConfig) else _RATELIMIT_DEFAULTS,
         limits=limits if isinstance(limits, LimitsConfig) else LimitsConfig(),
+        storage=storage if isinstance(storage, StorageConfig) else StorageConfig(),
+        mqtt=mqtt if isinstance(mqtt, MQTTConfig) else MQTTConfig(),
         source=source,
     )
 

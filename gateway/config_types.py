@@ -5,6 +5,7 @@ Durations are float seconds; addresses are parsed into host and port once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -136,16 +137,69 @@ class RatelimitConfig:
     message: RateConfig = field(default_factory=lambda: RateConfig(rate=500.0, burst=2000))
 
 
+def total_memory() -> int:
+    """Bytes of RAM on this machine (0 when the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+#: RabbitMQ's default: publishers are held once queued messages use 40% of RAM.
+DEFAULT_MEMORY_HIGH_WATERMARK = 0.4
+
+
+#: What a full subscriber queue does with one more message (`limits.queue_overflow`).
+OVERFLOW_POLICIES = ("drop_oldest", "reject_new", "block")
+
+
+def _default_overflow() -> Mapping[Protocol, str]:
+    return MappingProxyType({
+        Protocol.MQTT: "drop_oldest",
+        Protocol.AMQP091: "reject_new",
+        Protocol.AMQP: "reject_new",
+        Protocol.HTTP: "drop_oldest",
+        Protocol.COAP: "drop_oldest",
+    })
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     max_message_size: int = 1048576
     max_topic_length: int = 1024
-    #: Per subscriber: messages waiting to be sent; overflow is counted and logged.
-    max_queued_messages: int = 1000
+    #: Per queue (MQTT session, AMQP queue, SSE stream, CoAP observer, AMQP 1.0 link):
+    #: messages waiting, before the overflow policy applies.
+    max_queued_messages: int = 100000
+    #: Per queue: payload bytes waiting, before the overflow policy applies.
+    max_queued_bytes: int = 256_000_000
+    #: Per protocol of the subscriber: one of OVERFLOW_POLICIES.
+    queue_overflow: Mapping[Protocol, str] = field(default_factory=_default_overflow)
+    #: Bytes of queued messages in memory, all queues together, above which every
+    #: publisher is held (0 = never). Written as a fraction of RAM or a size.
+    memory_high_watermark: int = field(default_factory=lambda: int(DEFAULT_MEMORY_HIGH_WATERMARK * total_memory()))
     #: MQTT: QoS 1/2 messages sent and not yet acknowledged, per session.
     max_inflight_messages: int = 100
     #: Retained messages kept by the router (0 = no cap).
     max_retained_messages: int = 100000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """Where retained messages, persistent sessions and durable queues are kept."""
+
+    #: "sqlite" (on disk, the default) | "memory" (nothing survives a restart).
+    backend: str = "sqlite"
+    #: A directory, relative to the working directory.
+    path: str = "./polygate-data"
+    #: "always" (fsync before each acknowledgement) | "batch" (group commit before the
+    #: acknowledgement, fsync at checkpoints) | "never" (acknowledge before the write).
+    fsync: str = "batch"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MQTTConfig:
+    #: An offline persistent session and its messages are freed after this.
+    session_expiry: float = 7200.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,5 +208,7 @@ class GatewayConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     ratelimit: RatelimitConfig = field(default_factory=RatelimitConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    mqtt: MQTTConfig = field(default_factory=MQTTConfig)
     #: The file it came from, None for the built-in defaults.
     source: str | None = None

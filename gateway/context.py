@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.config_types import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.state import GatewayState
+from gateway.store.base import Store
+from gateway.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from gateway.dispatcher import Dispatcher
@@ -23,3 +25,5 @@ class FrontendContext:
     metrics: Metrics
     state: GatewayState
     ratelimits: RateLimits
+    #: Where durable queues and sessions are kept (opened before any listener).
+    store: Store = field(default_factory=MemoryStore)

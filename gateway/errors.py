@@ -48,3 +48,7 @@ class ProviderUnavailable(PolygateError):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class StorageError(PolygateError):
+    """The durable store (`storage.*`) cannot be opened or used: the message says which path and why."""

@@ -133,14 +133,18 @@ class Decision:
     reason_code: int = 0
     #: Seconds the provider wants this answer cached (None: use the configured TTL).
     ttl: float | None = None
+    #: A granted subscription's exclusions: topic filters (parts of the filter a
+    #: deny rule covers) whose messages it must not receive. Applied per message
+    #: at delivery; empty for everything but a partly denied subscription.
+    exclusions: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
         return self.outcome is Outcome.ALLOW
 
     @staticmethod
-    def allow(identity: Identity | None = None, reason: str = "") -> Decision:
-        return Decision(outcome=Outcome.ALLOW, identity=identity, reason=reason)
+    def allow(identity: Identity | None = None, reason: str = "", exclusions: tuple[str, ...] = ()) -> Decision:
+        return Decision(outcome=Outcome.ALLOW, identity=identity, reason=reason, exclusions=exclusions)
 
     @staticmethod
     def deny(reason: str, reason_code: int = 0) -> Decision:

@@ -27,6 +27,10 @@ class Metrics:
         self.messages_out: dict[Protocol, int] = {p: 0 for p in Protocol}
         self.auth_decisions: defaultdict[tuple[Protocol, Action, Outcome], int] = defaultdict(int)
         self.messages_dropped: defaultdict[tuple[Protocol, str], int] = defaultdict(int)
+        #: Full queues, by the subscriber's protocol and the overflow policy that applied.
+        self.overflows: defaultdict[tuple[Protocol, str], int] = defaultdict(int)
+        #: Messages a queue refused to a publisher (reject_new), by the publisher's protocol.
+        self.messages_refused: dict[Protocol, int] = {p: 0 for p in Protocol}
         #: Counters of other components (caches, providers): name -> (help, labels, fn).
         self._extra: list[Callable[[], Iterable[Metric]]] = []
         self.registry.register(_Collector(self))
@@ -98,6 +102,20 @@ class _Collector(Collector):
         for (p, reason), n in sorted(m.messages_dropped.items(), key=_label_key):
             dropped.add_metric([p.value, reason], n)
         yield dropped
+        overflows = CounterMetricFamily(
+            "polygate_queue_overflows", "Times a full queue applied its overflow policy",
+            labels=["protocol", "policy"],
+        )
+        for (p, policy), n in sorted(m.overflows.items(), key=_label_key):
+            overflows.add_metric([p.value, policy], n)
+        yield overflows
+        refused = CounterMetricFamily(
+            "polygate_messages_refused", "Publishes refused to their publisher because a queue was full",
+            labels=["protocol"],
+        )
+        for p in Protocol:
+            refused.add_metric([p.value], m.messages_refused[p])
+        yield refused
         for extra in m._extra:
             yield from extra()
 

@@ -6,58 +6,55 @@ It is on the hot path, so `publish` is synchronous and, on a match-cache hit,
 costs one dict lookup plus one `deliver` call per subscriber: no task, no
 await, no allocation. Subscribers own bounded queues; `deliver` never blocks.
 
+The flow contract, the same for every protocol on either side: `publish`
+takes the message's publisher and hands it to every subscriber, whose queue
+may hold that publisher back (`gateway.backpressure`). It returns status
+bits that tell the publisher's frontend when and how to acknowledge:
+`ROUTED` (some subscriber matched), `STORED` (a durable queue or the retained
+store wrote it: acknowledge once the store commits) and `REFUSED` (a full
+queue refused it: say so where the protocol can).
+
 Semantics are MQTT 3.1.1: `+` matches exactly one level (an empty one too),
 `#` matches the parent level and any number of children, and a filter that
 starts with a wildcard never matches a topic whose first level starts with
 `$` (MQTT-4.7.2-1). A subscriber whose filters overlap receives a message
 once, at min(message qos, its highest granted qos among the matching filters).
+A subscription may carry exclusions: filters whose topics it must not receive
+(the parts of a granted filter that a deny ACL entry covers). They are
+checked once per distinct topic, when its subscribers are matched and cached.
 """
 
 from __future__ import annotations
 
 import logging
 import typing
-from dataclasses import dataclass
 
-from gateway.topics import is_wildcard, validate_topic_name
+from gateway.backpressure import NO_PUBLISHER, Publisher
+from gateway.message import Message
+from gateway.queues import REFUSED, STORED, MemoryBudget
+from gateway.store.base import Store
+from gateway.topics import is_wildcard, topic_matches, validate_topic_name
+
+__all__ = ["Message", "ROUTED", "REFUSED", "STORED", "Router", "Subscriber"]
 
 logger = logging.getLogger("polygate.router")
 
 #: Topics whose subscriber lists are remembered; the cache is cleared when full.
 MATCH_CACHE_SIZE = 10_000
 
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    # Not kw_only: frontends build one per PUBLISH and positional is cheaper.
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-
-    # One is built per message on every protocol. The generated frozen __init__
-    # goes through object.__setattr__ per field (~0.7 us); writing the slots
-    # through their descriptors keeps the same signature at ~0.4 us.
-    def __init__(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        _set_topic(self, topic)
-        _set_payload(self, payload)
-        _set_qos(self, qos)
-        _set_retain(self, retain)
-
-
-_set_topic = Message.__dict__["topic"].__set__
-_set_payload = Message.__dict__["payload"].__set__
-_set_qos = Message.__dict__["qos"].__set__
-_set_retain = Message.__dict__["retain"].__set__
+#: Status bit of `publish`: at least one subscriber matched.
+ROUTED = 1
 
 
 class Subscriber(typing.Protocol):
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
-        """Non-blocking; the subscriber owns a bounded queue and counts/logs its own overflow."""
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
+        """Non-blocking; the subscriber's queue applies its bound and policy. Returns STORED/REFUSED bits or 0."""
 
 
-#: What a trie node and the match cache hold per subscriber.
-_Entry = tuple[Subscriber, int]
+#: What a trie node holds per subscriber: (subscriber, granted qos, exclusions).
+_Entry = tuple[Subscriber, int, tuple[str, ...]]
+#: What the match cache holds per subscriber: (subscriber, granted qos).
+_Target = tuple[Subscriber, int]
 
 
 class _Node:
@@ -99,7 +96,14 @@ class Router:
     subscribed object, so an id cannot be reused while it is in the trie.
     """
 
-    def __init__(self, *, max_retained: int = 100000, max_topic_length: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_retained: int = 100000,
+        max_topic_length: int = 1024,
+        budget: MemoryBudget | None = None,
+        store: Store | None = None,
+    ) -> None:
         if max_retained < 0:
             raise ValueError(f"max_retained must be 0 (no cap) or positive, not {max_retained}")
         self._max_retained = max_retained
@@ -109,7 +113,7 @@ class Router:
         self._subscription_count = 0
         # topic -> subscribers matching it, de-duplicated at their highest qos.
         # Every entry was computed for a validated topic, so a hit skips validation.
-        self._match_cache: dict[str, tuple[_Entry, ...]] = {}
+        self._match_cache: dict[str, tuple[_Target, ...]] = {}
         self._match_cache_size = MATCH_CACHE_SIZE
         # The dict makes a literal lookup O(1); the trie serves wildcard filters
         # without scanning every retained topic (a subscribe storm on
@@ -120,13 +124,20 @@ class Router:
         self.retained_refused = 0
         #: Calls to Subscriber.deliver that raised.
         self.delivery_errors = 0
+        #: Queued messages in memory, all subscribers together (the memory watermark).
+        self.budget = budget if budget is not None else MemoryBudget(0)
+        #: Where retained messages are kept across restarts (None: in memory only).
+        self._store = store if store is not None and store.durable else None
 
     # -- subscriptions -------------------------------------------------------
 
-    def subscribe(self, subscriber: Subscriber, topic_filter: str, qos: int) -> list[Message]:
+    def subscribe(
+        self, subscriber: Subscriber, topic_filter: str, qos: int, exclusions: tuple[str, ...] = ()
+    ) -> list[Message]:
         """Add or re-grant a subscription; return the retained messages it matches.
 
         The caller sends those itself, at min(message.qos, qos), with retain set.
+        `exclusions`: filters whose topics this subscription must not receive.
         """
         key = id(subscriber)
         client = self._clients.get(key)
@@ -141,9 +152,12 @@ class Router:
         if topic_filter not in client.filters:
             self._subscription_count += 1
         client.filters[topic_filter] = qos
-        node.subscribers[key] = (subscriber, qos)
+        node.subscribers[key] = (subscriber, qos, exclusions)
         self._invalidate(topic_filter)
-        return self.retained(topic_filter)
+        retained = self.retained(topic_filter)
+        if exclusions and retained:
+            retained = [message for message in retained if not _excluded(exclusions, message.topic)]
+        return retained
 
     def unsubscribe(self, subscriber: Subscriber, topic_filter: str) -> bool:
         """Remove one subscription; False when the subscriber did not hold it."""
@@ -201,9 +215,11 @@ class Router:
 
     # -- publishing ----------------------------------------------------------
 
-    def publish(self, message: Message) -> int:
-        """Store or clear the retained message, then deliver; return how many subscribers got it.
+    def publish(self, message: Message, publisher: Publisher = NO_PUBLISHER) -> int:
+        """Store or clear the retained message, then deliver; return the status bits.
 
+        ROUTED when a subscriber matched, STORED when a durable write must commit
+        before the publisher is acknowledged, REFUSED when a full queue refused it.
         Raises gateway.errors.InvalidTopic for a topic the frontends should
         never have let through (checked once per topic, on a cache miss).
         """
@@ -215,23 +231,26 @@ class Router:
             if len(self._match_cache) >= self._match_cache_size:
                 self._match_cache.clear()
             self._match_cache[topic] = targets
-        if message.retain:
-            self._store_retained(message)
+        status = self._store_retained(message) if message.retain else 0
+        if self.budget.alarm and publisher is not NO_PUBLISHER:
+            # Memory is short: this publisher's next publishes wait until consumers catch up.
+            self.budget.held.hold(publisher)
+        if not targets:
+            return status
         qos = message.qos
-        delivered = len(targets)
+        status |= ROUTED
         # `targets` is an immutable snapshot, so a subscriber may (un)subscribe
         # from inside deliver without disturbing this loop.
         for subscriber, granted in targets:
             try:
-                subscriber.deliver(message, granted if granted < qos else qos, False)
+                status |= subscriber.deliver(message, granted if granted < qos else qos, False, publisher)
             except Exception:
-                delivered -= 1
                 self._delivery_failed(subscriber, topic)
-        return delivered
+        return status
 
-    def _match(self, topic: str) -> tuple[_Entry, ...]:
+    def _match(self, topic: str) -> tuple[_Target, ...]:
         levels = topic.split("/")
-        found: dict[int, _Entry] = {}
+        found: dict[int, _Target] = {}
         nodes = [self._root]
         for depth, level in enumerate(levels):
             following: list[_Node] = []
@@ -243,7 +262,7 @@ class Router:
                 if depth or level[:1] != "$":
                     wild = children.get("#")
                     if wild is not None:
-                        _merge(found, wild.subscribers)
+                        _merge(found, wild.subscribers, topic)
                     wild = children.get("+")
                     if wild is not None:
                         following.append(wild)
@@ -255,11 +274,11 @@ class Router:
             nodes = following
         else:
             for node in nodes:
-                _merge(found, node.subscribers)
+                _merge(found, node.subscribers, topic)
                 # `a/#` matches `a` itself.
                 wild = node.children.get("#")
                 if wild is not None:
-                    _merge(found, wild.subscribers)
+                    _merge(found, wild.subscribers, topic)
         return tuple(found.values())
 
     def _delivery_failed(self, subscriber: Subscriber, topic: str) -> None:
@@ -279,15 +298,20 @@ class Router:
 
     # -- retained messages ---------------------------------------------------
 
-    def _store_retained(self, message: Message) -> None:
+    def _store_retained(self, message: Message) -> int:
+        """Keep (or clear) the retained message of its topic; STORED when the store wrote it."""
         topic = message.topic
         node = self._retained.get(topic)
+        store = self._store
         if not message.payload:
             # MQTT-3.3.1-10/11: an empty retained payload clears the topic.
             if node is not None:
                 del self._retained[topic]
                 self._unlink_retained(topic)
-            return
+                if store is not None:
+                    store.delete_retained(topic)
+                    return STORED
+            return 0
         if node is None:
             if self._max_retained and len(self._retained) >= self._max_retained:
                 self.retained_refused += 1
@@ -298,7 +322,7 @@ class Router:
                         topic, self._max_retained, self.retained_refused,
                         extra={"event": "retained_refused", "topic": topic},
                     )
-                return
+                return 0
             node = self._retained_root
             for level in topic.split("/"):
                 child = node.children.get(level)
@@ -307,6 +331,19 @@ class Router:
                 node = child
             self._retained[topic] = node
         node.message = message
+        if store is not None:
+            store.put_retained(message)
+            return STORED
+        return 0
+
+    def restore_retained(self, messages: list[Message]) -> None:
+        """Retained messages the store kept across a restart (before any listener opens)."""
+        store, self._store = self._store, None
+        try:
+            for message in messages:
+                self._store_retained(message)
+        finally:
+            self._store = store
 
     def _unlink_retained(self, topic: str) -> None:
         path: list[tuple[_RetainedNode, str]] = []
@@ -363,8 +400,17 @@ class Router:
         return len(self._retained)
 
 
-def _merge(found: dict[int, _Entry], subscribers: dict[int, _Entry]) -> None:
-    for key, entry in subscribers.items():
+def _merge(found: dict[int, _Target], subscribers: dict[int, _Entry], topic: str) -> None:
+    for key, (subscriber, qos, exclusions) in subscribers.items():
+        if exclusions and _excluded(exclusions, topic):
+            continue
         previous = found.get(key)
-        if previous is None or previous[1] < entry[1]:
-            found[key] = entry
+        if previous is None or previous[1] < qos:
+            found[key] = (subscriber, qos)
+
+
+def _excluded(exclusions: tuple[str, ...], topic: str) -> bool:
+    for topic_filter in exclusions:
+        if topic_matches(topic_filter, topic):
+            return True
+    return False

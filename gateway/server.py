@@ -1,8 +1,12 @@
 """Startup and shutdown of the whole gateway, in one fixed order for every frontend.
 
-Start: provider, then listeners (a failure closes what was opened), then ready.
-Stop: stop accepting, ask every connection to close, wait a bounded time,
-cancel what remains, close listeners, close the provider.
+Start: the store (what it kept is restored: retained messages, persistent
+sessions, durable queues), the provider, then listeners (a failure closes
+what was opened), then ready.
+Stop, within `server.shutdown_timeout`: stop accepting; stop taking publishes
+(what arrives now is not acknowledged, acknowledgements still flow); deliver
+what connected clients are owed; close every connection, cancel what
+remains, close listeners and the provider; commit the store.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from gateway.frontends.registry import FRONTENDS, frontend_class
 from gateway.metrics import Metrics
 from gateway.providers import AuthProvider
 from gateway.ratelimit import RateLimits
+from gateway.queues import DEFAULT_WINDOW, MemoryBudget
 from gateway.router import Router
 from gateway.state import GatewayState
+from gateway.store import open_store
 
 log = logging.getLogger("polygate.server")
 
@@ -50,11 +56,16 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.state = GatewayState()
+        self.store = open_store(config.storage)
+        self.budget = MemoryBudget(config.limits.memory_high_watermark)
         self.router = Router(
             max_retained=config.limits.max_retained_messages,
             max_topic_length=config.limits.max_topic_length,
+            budget=self.budget,
+            store=self.store,
         )
         self.metrics.add_collector(self._router_metrics)
+        self.metrics.add_collector(self._storage_metrics)
         self.dispatcher = Dispatcher(config.auth, limits=config.limits, metrics=self.metrics, provider=provider)
         self.ctx = FrontendContext(
             config=config,
@@ -63,10 +74,12 @@ class Gateway:
             metrics=self.metrics,
             state=self.state,
             ratelimits=RateLimits(config.ratelimit),
+            store=self.store,
         )
         self.frontends: dict[str, list[Frontend]] = {}
         self.health: Frontend | None = None
         self._listening = False
+        self._store_open = False
         self._stopped = asyncio.Event()
 
     def _router_metrics(self) -> Iterable[Metric]:
@@ -82,8 +95,38 @@ class Gateway:
         errors.add_metric([], self.router.delivery_errors)
         return [retained, subscriptions, refused, errors]
 
+    def _storage_metrics(self) -> Iterable[Metric]:
+        budget = self.budget
+        queued = GaugeMetricFamily("polygate_queued_messages", "Messages waiting in subscriber queues",
+                                   labels=["where"])
+        queued.add_metric(["memory"], budget.messages)
+        queued.add_metric(["store"], budget.paged)
+        used = GaugeMetricFamily("polygate_queued_memory_bytes", "Memory held by queued messages (estimate)")
+        used.add_metric([], budget.used)
+        alarm = GaugeMetricFamily("polygate_memory_alarm", "1 while queued messages are above limits.memory_high_watermark")
+        alarm.add_metric([], 1 if budget.alarm else 0)
+        families: list[Metric] = [queued, used, alarm]
+        store = self.store
+        if store.durable:
+            commits = CounterMetricFamily("polygate_store_commits", "Batches committed to the store")
+            commits.add_metric([], getattr(store, "commits", 0))
+            rows = CounterMetricFamily("polygate_store_messages_written", "Messages written to the store")
+            rows.add_metric([], getattr(store, "rows_written", 0))
+            skipped = CounterMetricFamily(
+                "polygate_store_writes_skipped", "Messages acknowledged by their consumer before they had to be written")
+            skipped.add_metric([], getattr(store, "writes_cancelled", 0))
+            failing = GaugeMetricFamily("polygate_store_failing", "1 while commits to the store fail")
+            failing.add_metric([], 1 if getattr(store, "failing", False) else 0)
+            families += [commits, rows, skipped, failing]
+        return families
+
     def ready(self) -> bool:
-        return self._listening and not self.state.shutting_down and self.dispatcher.ready()
+        if not self._listening or self.state.shutting_down or not self.dispatcher.ready():
+            return False
+        if getattr(self.store, "failing", False):
+            return False
+        # A listener that stopped serving (a UDP socket no longer read) makes the gateway not ready.
+        return all(getattr(f, "serving", _always)() for fs in self.frontends.values() for f in fs)
 
     def bound(self, kind: str) -> list[tuple[str, int]]:
         """Where listeners of a kind ("tcp", "http", "health", ...) actually listen."""
@@ -92,13 +135,34 @@ class Gateway:
         return [f.bound for f in self.frontends.get(kind, [])]
 
     async def start(self) -> None:
-        await self.dispatcher.start()
+        await self._restore()
         try:
+            await self.dispatcher.start()
             await self._start_listeners()
         except BaseException:
             await self.stop()
             raise
         self._listening = True
+
+    async def _restore(self) -> None:
+        """Open the store and put back what it kept, before any listener opens."""
+        snapshot = await self.store.open(window=DEFAULT_WINDOW)
+        self._store_open = True
+        self.router.restore_retained(snapshot.retained)
+        prepared: set[object] = set()
+        server = self.config.server
+        for kind in FRONTENDS:
+            if not getattr(server, kind):
+                continue
+            prepare = getattr(frontend_class(kind), "prepare", None)
+            if prepare is not None and prepare not in prepared:
+                prepared.add(prepare)
+                prepare(self.ctx, snapshot)
+        storage = self.config.storage
+        if self.store.durable:
+            log.info("storage: %s at %s (fsync %s): %d retained message(s), %d durable queue(s) and session(s)",
+                     storage.backend, storage.path, storage.fsync, len(snapshot.retained), len(snapshot.queues),
+                     extra={"event": "storage_opened"})
 
     async def _start_listeners(self) -> None:
         server = self.config.server
@@ -131,11 +195,24 @@ class Gateway:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        loop = asyncio.get_running_loop()
+        timeout = self.config.server.shutdown_timeout
+        deadline = loop.time() + timeout
         self.state.shutting_down = True
         everything = [f for fs in self.frontends.values() for f in fs]
         for frontend in everything:
             await frontend.stop_accepting()
-        await self.state.close_all("gateway shutting down", self.config.server.shutdown_timeout)
+        # Publishes stop being taken; what connected clients are owed goes out first.
+        self.state.drain()
+        waiting = await self.state.wait_drained(max(0.0, 0.6 * timeout))
+        if waiting:
+            log.warning("%d connection(s) still had messages to deliver after %gs; closing them", len(waiting),
+                        0.6 * timeout, extra={"event": "shutdown_undelivered"})
+        if self.budget.transient:
+            log.warning("%d queued message(s) are held in memory only (clean sessions, non-durable queues, "
+                        "streams, observers, or storage.backend memory) and are lost at this stop",
+                        self.budget.transient, extra={"event": "shutdown_lost", "count": self.budget.transient})
+        await self.state.close_all("gateway shutting down", max(0.1, deadline - loop.time()))
         for frontend in everything:
             try:
                 await frontend.aclose()
@@ -144,4 +221,10 @@ class Gateway:
         if self.health is not None:
             await self.health.aclose()
         await self.dispatcher.aclose()
+        if self._store_open:
+            await self.store.aclose(timeout=max(1.0, deadline - loop.time()))
         log.info("stopped", extra={"event": "stopped"})
+
+
+def _always() -> bool:
+    return True

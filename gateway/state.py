@@ -76,6 +76,35 @@ class GatewayState:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
+    def drain(self) -> None:
+        """The gateway stops: every connection stops taking publishes (acknowledgements still flow)."""
+        for conn in self.connections():
+            drain = getattr(conn, "drain", None)
+            if drain is not None:
+                try:
+                    drain()
+                except Exception:
+                    log.exception("draining a connection failed")
+
+    def undrained(self) -> list[Connection]:
+        """Connections still delivering what a restart would lose (a `drained()` that says False)."""
+        waiting = []
+        for conn in self.connections():
+            drained = getattr(conn, "drained", None)
+            if drained is not None and not drained():
+                waiting.append(conn)
+        return waiting
+
+    async def wait_drained(self, timeout: float) -> list[Connection]:
+        """Until every connection delivered what it holds for its client, or `timeout`; what still waits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waiting = self.undrained()
+        while waiting and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+            waiting = self.undrained()
+        return waiting
+
     async def close_all(self, reason: str, timeout: float) -> None:
         """Ask every connection to close, wait up to `timeout`, then cancel tracked tasks."""
         self.shutting_down = True

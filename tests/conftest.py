@@ -29,6 +29,7 @@ def loopback_config(tmp_path: Path, *, auth: dict[str, Any] | None = None, **sec
         local = {**auth_section["local"], **auth.get("local", {})}
         auth_section.update(auth)
         auth_section["local"] = local
+    sections.setdefault("storage", {"path": str(tmp_path / "polygate-data")})
     return {"server": server, "auth": auth_section, **sections}
 
 
@@ -47,6 +48,9 @@ def start_gateway(tmp_path: Path, root_password: str) -> Iterator[Callable[..., 
 
     def start(config: dict[str, Any] | None = None, *, provider: Any = None, **kwargs: Any) -> GatewayThread:
         data = config if config is not None else loopback_config(tmp_path, **kwargs)
+        if "storage" not in data:
+            # Each gateway of a test keeps its store in a directory of its own.
+            data = {**data, "storage": {"path": str(tmp_path / f"polygate-data-{len(started)}")}}
         gw = GatewayThread.from_dict(data, provider=provider).start()
         started.append(gw)
         return gw

@@ -2,8 +2,8 @@
 
 Two exchanges exist: `amq.topic`, which is the gateway's router (a binding is
 a router subscription of the queue), and the default exchange `""`, which
-puts a message straight into the queue named by its routing key. Queues live
-in memory, local to this gateway, shared by every AMQP 0.9.1 listener.
+puts a message straight into the queue named by its routing key. Queues are
+local to this gateway and shared by every AMQP 0.9.1 listener.
 
 A queue belongs to the identity that declared it: another identity's
 declare, consume, get, bind, unbind, purge, delete or default-exchange
@@ -12,11 +12,14 @@ auth is off for AMQP 0.9.1). An exclusive queue belongs to its connection:
 any other connection gets 405 RESOURCE_LOCKED, except a default-exchange
 publish (as in RabbitMQ, so RPC reply queues work).
 
-Each queue holds at most `limits.max_queued_messages` ready messages, and all
-queues together at most MAX_QUEUED_BYTES of payload; beyond that a new
-message is dropped and counted. A queue with consumers that fills
-past half of that holds back the AMQP connection that is publishing into it
-(the same scheme as MQTT sessions) until it drains to a quarter.
+Each queue's waiting messages live in a `gateway.queues.MessageQueue`: bounded
+by `limits.max_queued_messages` and `max_queued_bytes` (or the queue
+arguments `x-max-length` / `x-max-length-bytes`), with the overflow policy of
+`limits.queue_overflow.amqp091` (or `x-overflow`: `reject-publish`,
+`reject-publish-dlx`, `drop-head`, and this gateway's own `block`). A durable,
+non-exclusive queue is kept in the store with its bindings, and so are its
+persistent messages (delivery mode 2; QoS 1/2 messages from other protocols)
+until a consumer acknowledges them.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections import Counter, deque
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from gateway.amqp091.framing import (
     ACCESS_REFUSED,
@@ -40,24 +43,31 @@ from gateway.amqp091.framing import (
     short_str_fits,
 )
 from gateway.amqp091.routing import TOPIC_EXCHANGE, topic_to_routing_key
-from gateway.backpressure import HeldPublishers, Publisher
+from gateway.backpressure import NO_PUBLISHER, Publisher
 from gateway.events import Identity, Protocol
+from gateway.message import Message
 from gateway.metrics import Metrics
-from gateway.router import Message, Router
+from gateway.queues import BLOCK, DROP_OLDEST, REJECT_NEW, MemoryBudget, MessageQueue, QueueLimits
+from gateway.store.base import Store, StoredQueue, register_message_type
 
 if TYPE_CHECKING:
     from gateway.amqp091.channel import Consumer
+    from gateway.router import Router
 
 log = logging.getLogger("polygate.amqp091")
 
 DEFAULT_EXCHANGE = ""
 #: Queues one identity may hold at once (declares beyond it get 406).
 MAX_QUEUES_PER_OWNER = 1000
-#: Payload bytes waiting in all queues together; beyond it new messages are
-#: dropped and counted ("memory_limit"), whatever each queue's own length.
-MAX_QUEUED_BYTES = 256 * 1024 * 1024
 #: pamqp refuses to encode other names (the spec's queue-name domain).
 QUEUE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
+#: Store keys of durable queues start with this.
+KEY_PREFIX = "amqp091:"
+#: A ready message's meta int: set when it was delivered before (redelivered flag).
+REDELIVERED = 1
+
+#: x-overflow values (RabbitMQ's, and `block`) -> the gateway's policies.
+X_OVERFLOW = {"reject-publish": REJECT_NEW, "reject-publish-dlx": REJECT_NEW, "drop-head": DROP_OLDEST, "block": BLOCK}
 
 _ROUTER_EXCHANGE_KEYS: dict[str, bytes] = {}
 _ROUTER_KEY_CACHE_SIZE = 10_000
@@ -65,7 +75,8 @@ _ROUTER_KEY_CACHE_SIZE = 10_000
 
 class AMQPMessage(Message):
     """A message published over AMQP: it keeps its exchange, routing key and raw properties,
-    so an AMQP consumer receives them unchanged; other protocols see a plain Message."""
+    so an AMQP consumer receives them unchanged; other protocols see a plain Message.
+    Its qos is 1 for a persistent message (delivery mode 2), else 0."""
 
     __slots__ = ("exchange_key", "properties")
 
@@ -84,6 +95,20 @@ _set_exchange_key = AMQPMessage.__dict__["exchange_key"].__set__
 _set_properties = AMQPMessage.__dict__["properties"].__set__
 
 
+def _encode_extra(message: Message) -> bytes:
+    assert isinstance(message, AMQPMessage)
+    return len(message.exchange_key).to_bytes(4, "big") + message.exchange_key + message.properties
+
+
+def _decode_extra(topic: str, payload: bytes, qos: int, retain: bool, extra: bytes) -> Message:
+    size = int.from_bytes(extra[:4], "big")
+    return AMQPMessage(topic, payload, qos, retain, exchange_key=extra[4:4 + size], properties=extra[4 + size:])
+
+
+# The store keeps an AMQP message as itself, so a consumer after a restart gets its properties.
+register_message_type(AMQPMessage, 1, _encode_extra, _decode_extra)
+
+
 def envelope(message: Message) -> tuple[bytes, bytes]:
     """(encoded exchange + routing key, raw properties) to deliver `message` with."""
     if type(message) is AMQPMessage and message.exchange_key:
@@ -99,17 +124,50 @@ def envelope(message: Message) -> tuple[bytes, bytes]:
     return exchange_key, PROPERTIES_PERSISTENT if message.qos else PROPERTIES_NONE
 
 
+def queue_limits(defaults: QueueLimits, arguments: Mapping[str, Any]) -> QueueLimits:
+    """The bound and policy of a queue: the gateway's, overridden by x-max-length, -bytes, x-overflow.
+
+    Raises ChannelError 406 for a value RabbitMQ would refuse too.
+    """
+    max_messages, max_bytes, overflow = defaults.max_messages, defaults.max_bytes, defaults.overflow
+    for name, value in arguments.items():
+        if name in ("x-max-length", "x-max-length-bytes"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ChannelError(PRECONDITION_FAILED, f"invalid arg '{name}': {value!r} is not a non-negative integer")
+            # 0 is a valid RabbitMQ length (nothing is kept); a queue here keeps at least one.
+            if name == "x-max-length":
+                max_messages = max(1, value)
+            else:
+                max_bytes = max(1, value)
+        elif name == "x-overflow":
+            text = value.decode() if isinstance(value, bytes) else value
+            if text not in X_OVERFLOW:
+                raise ChannelError(PRECONDITION_FAILED,
+                                   f"invalid arg 'x-overflow': {text!r} is not one of {', '.join(X_OVERFLOW)}")
+            overflow = X_OVERFLOW[text]
+    return QueueLimits(max_messages, max_bytes, overflow)
+
+
+def _known_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments this gateway acts on, as plain values (kept with a durable queue)."""
+    known = {}
+    for name in ("x-max-length", "x-max-length-bytes", "x-overflow"):
+        if name in arguments:
+            value = arguments[name]
+            known[name] = value.decode() if isinstance(value, bytes) else value
+    return known
+
+
 class Queue:
-    """One queue: ready messages, consumers (round robin) and its amq.topic bindings."""
+    """One queue: waiting messages, consumers (round robin) and its amq.topic bindings."""
 
     __slots__ = (
-        "name", "owner", "owner_connection", "durable", "exclusive", "auto_delete", "ready", "consumers",
-        "bindings", "had_consumer", "deleted", "_broker", "_next", "_max", "_high_water", "_low_water",
-        "_held", "_dropped",
+        "name", "owner", "owner_connection", "durable", "exclusive", "auto_delete", "arguments", "ready",
+        "consumers", "bindings", "had_consumer", "deleted", "_broker", "_next", "_entries", "__weakref__",
     )
 
-    def __init__(self, broker: Broker, name: str, *, owner: str, owner_connection: object | None,
-                 durable: bool, exclusive: bool, auto_delete: bool, max_queued: int) -> None:
+    def __init__(self, broker: Broker, name: str, *, owner: str, owner_connection: object | None, durable: bool,
+                 exclusive: bool, auto_delete: bool, arguments: Mapping[str, Any], limits: QueueLimits) -> None:
         self._broker = broker
         self.name = name
         self.owner = owner
@@ -118,130 +176,117 @@ class Queue:
         self.durable = durable
         self.exclusive = exclusive
         self.auto_delete = auto_delete
-        self.ready: deque[tuple[Message, bool]] = deque()
+        self.arguments = dict(arguments)
+        kept = durable and not exclusive
+        self.ready = MessageQueue(
+            name=name, protocol=Protocol.AMQP091, limits=limits, budget=broker.budget, metrics=broker.metrics,
+            store=broker.store if kept else None, key=KEY_PREFIX + name,
+        )
+        self.ready.on_refill(self.dispatch)
+        self._entries = self.ready.entries
         self.consumers: list[Consumer] = []
-        #: Topic filters this queue is subscribed to on the router (from binding keys).
-        self.bindings: set[str] = set()
+        #: Topic filters this queue is subscribed to on the router, with their exclusions.
+        self.bindings: dict[str, tuple[str, ...]] = {}
         self.had_consumer = False
         self.deleted = False
         self._next = 0
-        self._max = max_queued
-        self._high_water = max(1, max_queued // 2)
-        self._low_water = max_queued // 4
-        self._held = HeldPublishers(self)
-        self._dropped = 0
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r}, ready={len(self.ready)}, consumers={len(self.consumers)})"
 
+    @property
+    def kept(self) -> bool:
+        """In the store (durable, not exclusive, and the store keeps anything)."""
+        return self.ready.durable
+
     # -- messages in ------------------------------------------------------------------------------
 
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
         """The router's entry point (a message matched one of this queue's bindings)."""
         if type(message) is not AMQPMessage and not short_str_fits(message.topic):
             # A routing key is a short string: a longer topic cannot be delivered over AMQP.
-            self._drop("routing_key_too_long")
-            return
-        self.put(message)
+            self._broker.metrics.dropped(Protocol.AMQP091, "routing_key_too_long")
+            return 0
+        return self.put(message, publisher)
 
-    def put(self, message: Message) -> bool:
-        """Queue a message and hand it to a consumer if one can take it; False when dropped."""
+    def put(self, message: Message, publisher: Publisher = NO_PUBLISHER) -> int:
+        """Queue a message and hand it to a consumer if one can take it; the router's status bits."""
         ready = self.ready
         consumers = self.consumers
-        if not ready and len(consumers) == 1:
+        if not self._entries and not ready.paged and len(consumers) == 1:
             # The common case: nothing waits and the one consumer has room, so the
-            # message goes straight out (held publishers were released when it emptied).
+            # message goes straight out (kept in the store until acknowledged).
             consumer = consumers[0]
             if consumer.can_take():
-                consumer.channel.deliver(consumer, message, False)
-                return True
-        if len(ready) >= self._max:
-            self._drop("queue_full")
-            return False
-        broker = self._broker
-        size = len(message.payload)
-        if broker.queued_bytes + size > broker.max_queued_bytes:
-            self._drop("memory_limit")
-            return False
-        broker.queued_bytes += size
-        ready.append((message, False))
-        if consumers:
+                if ready.durable and message.qos and not consumer.no_ack:
+                    consumer.channel.deliver(consumer, message, False, ready.persist(message, 0))
+                    return 2  # STORED
+                consumer.channel.deliver(consumer, message, False, 0)
+                return 0
+        # Never hold back a connection that consumes from this queue: its acks drain it.
+        own = any(consumer.channel.output.publisher is publisher for consumer in consumers)
+        status = ready.put(message, 0, publisher, persistent=message.qos > 0, own=own)
+        if consumers and self._entries:
             self.dispatch()
-            if len(ready) >= self._high_water:
-                self._hold_publisher()
-        return True
+        return status
 
-    def requeue(self, messages: list[Message]) -> None:
+    def requeue(self, entries: list[tuple[Message, int]]) -> None:
         """Unacknowledged messages go back to the front, in their original order, marked redelivered."""
         if self.deleted:
-            self._broker.metrics.dropped(Protocol.AMQP091, "queue_deleted", len(messages))
+            self._broker.metrics.dropped(Protocol.AMQP091, "queue_deleted", len(entries))
             return
         ready = self.ready
-        for message in reversed(messages):
-            # Already accepted once: back in, even over the limits.
-            self._broker.queued_bytes += len(message.payload)
-            ready.appendleft((message, True))
+        for message, seq in reversed(entries):
+            # Already taken once: back in, even over the limits.
+            ready.appendleft((message, REDELIVERED, seq))
         self.dispatch()
 
+    def settle(self, seq: int) -> None:
+        """A delivered message was acknowledged (or rejected without requeue)."""
+        self.ready.settle(seq)
+
     def purge(self) -> int:
-        count = len(self.ready)
-        self._clear()
-        self._release_publishers()
-        return count
-
-    def _clear(self) -> None:
-        self._broker.queued_bytes -= sum(len(message.payload) for message, _ in self.ready)
-        self.ready.clear()
-
-    def _drop(self, reason: str) -> None:
-        self._broker.metrics.dropped(Protocol.AMQP091, reason)
-        self._dropped += 1
-        count = self._dropped
-        # First drop and then every 1000th: visible without flooding the log.
-        if count == 1 or count % 1000 == 0:
-            log.warning("dropped message for queue %r: %s (%d dropped so far for this queue)", self.name, reason, count,
-                        extra={"event": "message_dropped", "queue": self.name, "reason": reason})
+        return self.ready.purge()
 
     # -- messages out -----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
         """Hand ready messages to consumers while any can take one (prefetch, flow, socket)."""
-        ready = self.ready
+        entries = self._entries
         consumers = self.consumers
-        if ready and consumers:
+        ready = self.ready
+        if entries and consumers:
             if len(consumers) == 1:
                 consumer = consumers[0]
                 channel = consumer.channel
-                broker = self._broker
-                while ready and consumer.can_take():
-                    message, redelivered = ready.popleft()
-                    broker.queued_bytes -= len(message.payload)
-                    channel.deliver(consumer, message, redelivered)
+                while entries and consumer.can_take():
+                    message, meta, seq = ready.popleft()
+                    if consumer.no_ack and seq:
+                        ready.settle(seq)
+                        seq = 0
+                    channel.deliver(consumer, message, bool(meta & REDELIVERED), seq)
             else:
                 count = len(consumers)
                 misses = 0
-                while ready and misses < count:
+                while entries and misses < count:
                     consumer = consumers[self._next % count]
                     self._next += 1
                     if consumer.can_take():
-                        message, redelivered = ready.popleft()
-                        self._broker.queued_bytes -= len(message.payload)
-                        consumer.channel.deliver(consumer, message, redelivered)
+                        message, meta, seq = ready.popleft()
+                        if consumer.no_ack and seq:
+                            ready.settle(seq)
+                            seq = 0
+                        consumer.channel.deliver(consumer, message, bool(meta & REDELIVERED), seq)
                         misses = 0
                     else:
                         misses += 1
-        if self._held and len(ready) <= self._low_water:
-            self._release_publishers()
 
-    def pop(self) -> tuple[Message, bool] | None:
-        """One message for basic.get."""
-        if not self.ready:
+    def pop(self) -> tuple[Message, bool, int] | None:
+        """One message for basic.get: (message, redelivered, store seq)."""
+        if not self._entries:
             return None
-        entry = self.ready.popleft()
-        self._broker.queued_bytes -= len(entry[0].payload)
-        if self._held and len(self.ready) <= self._low_water:
-            self._release_publishers()
-        return entry
+        message, meta, seq = self.ready.popleft()
+        return message, bool(meta & REDELIVERED), seq
 
     # -- consumers --------------------------------------------------------------------------------
 
@@ -257,48 +302,56 @@ class Queue:
         except ValueError:
             return
         if not self.consumers:
-            self._release_publishers()
+            self.ready.release_publishers()
             if self.auto_delete and not self.deleted:
                 self._broker.delete(self)
 
     def has_exclusive_consumer(self) -> bool:
         return any(consumer.exclusive for consumer in self.consumers)
 
-    # -- backpressure -------------------------------------------------------------------------------
-
-    def _hold_publisher(self) -> None:
-        """Slow the AMQP connection filling this queue, never one that consumes from it
-        (its acks are what drains the queue)."""
-        publisher = self._broker.current_publisher
-        if publisher is None:
-            return
-        for consumer in self.consumers:
-            if consumer.channel.output is publisher:
-                return
-        self._held.hold(publisher)
-
     def forget_publisher(self, publisher: Publisher) -> None:
-        self._held.forget(publisher)
+        self.ready.forget_publisher(publisher)
 
-    def _release_publishers(self) -> None:
-        self._held.release_all()
+    def drained(self) -> bool:
+        """Nothing a restart would lose: empty, or everything waiting is in the store."""
+        return not self.ready or (self.kept and all(seq for _, _, seq in self._entries))
+
+    # -- the store --------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        store = self._broker.store
+        if not self.kept or store is None:
+            return
+        store.put_queue(self.ready.key, {
+            "kind": "amqp091",
+            "name": self.name,
+            "owner": self.owner,
+            "auto_delete": self.auto_delete,
+            "arguments": self.arguments,
+            "bindings": [[topic_filter, list(exclusions)] for topic_filter, exclusions in self.bindings.items()],
+        })
 
 
 class Broker:
     """Every AMQP 0.9.1 queue of the gateway, by name."""
 
-    def __init__(self, *, router: Router, metrics: Metrics, max_queued: int, check_owners: bool) -> None:
+    def __init__(self, *, router: Router, metrics: Metrics, limits: QueueLimits, check_owners: bool,
+                 store: Store | None = None, budget: MemoryBudget | None = None) -> None:
         self.router = router
         self.metrics = metrics
+        self.store = store
+        self.budget = budget if budget is not None else router.budget
         self.queues: dict[str, Queue] = {}
-        #: Set around a publish so a congested queue knows whom to hold back.
-        self.current_publisher: Publisher | None = None
-        self._max_queued = max_queued
+        self.limits = limits
         self._check_owners = check_owners
         self._owned: Counter[str] = Counter()
-        #: Payload bytes in every queue's ready messages (see MAX_QUEUED_BYTES).
-        self.queued_bytes = 0
-        self.max_queued_bytes = MAX_QUEUED_BYTES
+        #: Told when the memory alarm turns on or off (connection.blocked / unblocked).
+        self.alarm_listeners: set[Callable[[bool], None]] = set()
+        self.budget.listeners.append(self._alarm)
+
+    def _alarm(self, on: bool) -> None:
+        for listener in list(self.alarm_listeners):
+            listener(on)
 
     # -- access rules -----------------------------------------------------------------------------
 
@@ -320,9 +373,11 @@ class Broker:
     # -- declare / delete -------------------------------------------------------------------------
 
     def declare(self, name: str, *, identity: Identity, connection: object, passive: bool, durable: bool,
-                exclusive: bool, auto_delete: bool) -> Queue:
+                exclusive: bool, auto_delete: bool, arguments: Mapping[str, Any] | None = None) -> Queue:
         if passive:
             return self.find(name, identity, connection)
+        arguments = _known_arguments(arguments or {})
+        limits = queue_limits(self.limits, arguments)
         server_named = not name
         if server_named:
             name = f"amq.gen-{secrets.token_urlsafe(16)}"
@@ -337,6 +392,11 @@ class Broker:
                 if have != want:
                     raise ChannelError(PRECONDITION_FAILED,
                                        f"inequivalent arg '{arg}' for queue '{name}': received {want} but current is {have}")
+            for arg in ("x-max-length", "x-max-length-bytes", "x-overflow"):
+                if existing.arguments.get(arg) != arguments.get(arg):
+                    raise ChannelError(
+                        PRECONDITION_FAILED, f"inequivalent arg '{arg}' for queue '{name}': received "
+                        f"{arguments.get(arg)!r} but current is {existing.arguments.get(arg)!r}")
             return existing
         if name.startswith("amq.") and not server_named:
             raise ChannelError(ACCESS_REFUSED, f"queue name '{name}' contains reserved prefix 'amq.*'")
@@ -344,9 +404,10 @@ class Broker:
         if self._owned[owner] >= MAX_QUEUES_PER_OWNER:
             raise ChannelError(PRECONDITION_FAILED, f"queue limit reached ({MAX_QUEUES_PER_OWNER} per user)")
         queue = Queue(self, name, owner=owner, owner_connection=connection if exclusive else None, durable=durable,
-                      exclusive=exclusive, auto_delete=auto_delete, max_queued=self._max_queued)
+                      exclusive=exclusive, auto_delete=auto_delete, arguments=arguments, limits=limits)
         self.queues[name] = queue
         self._owned[owner] += 1
+        queue.save()
         return queue
 
     def delete(self, queue: Queue) -> int:
@@ -365,9 +426,10 @@ class Broker:
         queue.consumers.clear()
         for consumer in consumers:
             consumer.channel.consumer_cancelled(consumer)
-        count = len(queue.ready)
-        queue._clear()
-        queue._release_publishers()
+        kept = queue.kept
+        count = queue.ready.clear()
+        if kept and self.store is not None:
+            self.store.delete_queue(queue.ready.key)
         return count
 
     def connection_closed(self, connection: object, exclusive: Iterable[Queue]) -> None:
@@ -378,15 +440,41 @@ class Broker:
 
     # -- bindings ---------------------------------------------------------------------------------
 
-    def bind(self, queue: Queue, topic_filter: str) -> None:
+    def bind(self, queue: Queue, topic_filter: str, exclusions: tuple[str, ...] = ()) -> None:
         """Subscribe the queue (authorized by the caller); retained messages go in first."""
-        if topic_filter in queue.bindings:
+        if queue.bindings.get(topic_filter) == exclusions:
             return
-        queue.bindings.add(topic_filter)
-        for message in self.router.subscribe(queue, topic_filter, 1):
-            queue.deliver(message, message.qos, True)
+        queue.bindings[topic_filter] = exclusions
+        queue.save()
+        for message in self.router.subscribe(queue, topic_filter, 1, exclusions):
+            queue.put(message)
 
     def unbind(self, queue: Queue, topic_filter: str) -> None:
         if topic_filter in queue.bindings:
-            queue.bindings.discard(topic_filter)
+            del queue.bindings[topic_filter]
             self.router.unsubscribe(queue, topic_filter)
+            queue.save()
+
+    # -- restart ----------------------------------------------------------------------------------
+
+    def restore(self, stored: list[StoredQueue]) -> None:
+        """Durable queues the store kept across a restart, with their bindings and messages."""
+        for kept in stored:
+            meta = kept.meta
+            name = str(meta.get("name") or kept.key[len(KEY_PREFIX):])
+            arguments = dict(meta.get("arguments") or {})
+            try:
+                limits = queue_limits(self.limits, arguments)
+            except ChannelError:
+                limits = self.limits
+            queue = Queue(self, name, owner=str(meta.get("owner", "")), owner_connection=None, durable=True,
+                          exclusive=False, auto_delete=bool(meta.get("auto_delete")), arguments=arguments, limits=limits)
+            queue.ready.restore(kept)
+            self.queues[name] = queue
+            self._owned[queue.owner] += 1
+            for topic_filter, exclusions in meta.get("bindings") or []:
+                queue.bindings[topic_filter] = tuple(exclusions)
+                self.router.subscribe(queue, topic_filter, 1, tuple(exclusions))
+        if stored:
+            log.info("restored %d durable AMQP 0.9.1 queue(s) from the store", len(stored),
+                     extra={"event": "queues_restored"})

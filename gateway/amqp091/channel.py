@@ -28,8 +28,9 @@ from gateway.amqp091.framing import (
     encode_get_ok,
     encode_method,
 )
+from gateway.backpressure import Publisher
 from gateway.events import Protocol
-from gateway.router import Message
+from gateway.message import Message
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 #: Unacknowledged deliveries one channel may hold (also the cap under prefetch 0).
 MAX_UNACKED = 65536
 
-#: What a channel keeps per unacknowledged delivery: where it came from and who got it.
-_Unacked = tuple[Queue, Message, "Consumer | None"]
+#: What a channel keeps per unacknowledged delivery: where it came from, who got it, its store seq.
+_Unacked = tuple[Queue, Message, "Consumer | None", int]
 
 
 class ChannelOutput(TypingProtocol):
@@ -47,6 +48,9 @@ class ChannelOutput(TypingProtocol):
     frame_max: int
     #: The client handles a server-sent basic.cancel (capability consumer_cancel_notify).
     consumer_cancel_notify: bool
+    @property
+    def publisher(self) -> Publisher:
+        """The connection as a publisher (never held back by a queue it consumes from)."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -87,7 +91,8 @@ class Consumer:
 class Channel:
     __slots__ = (
         "number", "output", "broker", "consumers", "unacked", "next_tag", "prefetch_count", "unacked_limit",
-        "confirm", "publish_seq", "confirm_upto", "confirm_sent", "flow", "closing", "last_queue", "_metrics_out",
+        "confirm", "publish_seq", "confirm_upto", "confirm_sent", "nacked", "flow", "closing", "last_queue",
+        "_metrics_out",
     )
 
     def __init__(self, number: int, output: ChannelOutput, broker: Broker, metrics: Metrics) -> None:
@@ -106,6 +111,8 @@ class Channel:
         self.publish_seq = 0
         self.confirm_upto = 0
         self.confirm_sent = 0
+        #: Publish sequence numbers up to confirm_upto that get basic.nack (a full queue refused them).
+        self.nacked: list[int] = []
         #: channel.flow from the client: False stops deliveries.
         self.flow = True
         #: The server sent channel.close and waits for close-ok; everything else is ignored.
@@ -120,10 +127,10 @@ class Channel:
 
     # -- deliveries -----------------------------------------------------------------------------------
 
-    def deliver(self, consumer: Consumer, message: Message, redelivered: bool) -> None:
+    def deliver(self, consumer: Consumer, message: Message, redelivered: bool, seq: int) -> None:
         tag = self.next_tag = self.next_tag + 1
         if not consumer.no_ack:
-            self.unacked[tag] = (consumer.queue, message, consumer)
+            self.unacked[tag] = (consumer.queue, message, consumer, seq)
             consumer.unacked += 1
         if type(message) is AMQPMessage and message.exchange_key:
             exchange_key, properties = message.exchange_key, message.properties
@@ -141,10 +148,12 @@ class Channel:
         if entry is None:
             output.write(encode_method(self.number, commands.Basic.GetEmpty()))
             return
-        message, redelivered = entry
+        message, redelivered, seq = entry
         tag = self.next_tag = self.next_tag + 1
-        if not no_ack:
-            self.unacked[tag] = (queue, message, None)
+        if no_ack:
+            queue.settle(seq)
+        else:
+            self.unacked[tag] = (queue, message, None, seq)
         exchange_key, properties = envelope(message)
         output.write(encode_get_ok(self.number, tag, redelivered, exchange_key, len(queue.ready), properties,
                                    message.payload, output.frame_max))
@@ -153,7 +162,7 @@ class Channel:
     def refill(self) -> None:
         """Capacity came back (acks, qos, flow, a drained socket): let the queues send again."""
         for consumer in tuple(self.consumers.values()):
-            if consumer.queue.ready:
+            if consumer.queue.ready.entries:
                 consumer.queue.dispatch()
 
     # -- acknowledgements --------------------------------------------------------------------------
@@ -180,17 +189,21 @@ class Channel:
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
         # One tag per ack is what most consumers send: no list of one for it.
-        for _, _, consumer in self._take(delivery_tag, True) if multiple else (self._take_one(delivery_tag),):
+        for queue, _, consumer, seq in self._take(delivery_tag, True) if multiple else (self._take_one(delivery_tag),):
             if consumer is not None:
                 consumer.unacked -= 1
+            if seq:
+                queue.settle(seq)
         self.refill()
 
     def nack(self, delivery_tag: int, multiple: bool, requeue: bool) -> None:
         """basic.nack / basic.reject: requeue (redelivered) or drop."""
         entries = self._take(delivery_tag, multiple)
-        for _, _, consumer in entries:
+        for queue, _, consumer, seq in entries:
             if consumer is not None:
                 consumer.unacked -= 1
+            if not requeue and seq:
+                queue.settle(seq)
         if requeue:
             _requeue(entries)
         else:
@@ -231,19 +244,35 @@ class Channel:
 
     # -- publisher confirms --------------------------------------------------------------------------
 
-    def confirmed(self) -> None:
-        """The last publish was handled (routed, returned or dropped): ack it at the next flush."""
-        self.confirm_upto = self.publish_seq
+    def confirmed(self, seq: int, ok: bool = True) -> None:
+        """Publish `seq` was handled: taken (ack) or refused by a full queue (nack), sent at the next flush.
+
+        Outcomes arrive in publish order (the connection's AckOrder keeps it).
+        """
+        if not ok:
+            self.nacked.append(seq)
+        self.confirm_upto = seq
         self.output.confirm_pending(self)
 
     def confirm_frames(self) -> bytes:
-        """One basic.ack covering every publish handled since the last one."""
+        """basic.ack (multiple) for every publish handled since the last, basic.nack for each refused one."""
         upto = self.confirm_upto
-        if upto <= self.confirm_sent:
+        sent = self.confirm_sent
+        if upto <= sent:
             return b""
-        multiple = upto - self.confirm_sent > 1
         self.confirm_sent = upto
-        return encode_basic_ack(self.number, upto, multiple)
+        if not self.nacked:
+            return encode_basic_ack(self.number, upto, upto - sent > 1)
+        frames = []
+        for seq in self.nacked:
+            if seq - 1 > sent:
+                frames.append(encode_basic_ack(self.number, seq - 1, seq - 1 - sent > 1))
+            frames.append(encode_method(self.number, commands.Basic.Nack(delivery_tag=seq, multiple=False, requeue=False)))
+            sent = seq
+        self.nacked.clear()
+        if upto > sent:
+            frames.append(encode_basic_ack(self.number, upto, upto - sent > 1))
+        return b"".join(frames)
 
     # -- closing -----------------------------------------------------------------------------------------
 
@@ -261,12 +290,12 @@ class Channel:
 
 def _requeue(entries: list[_Unacked]) -> None:
     """Return messages to the front of their queues, each queue keeping delivery order."""
-    by_queue: dict[int, tuple[Queue, list[Message]]] = {}
-    for queue, message, _ in entries:
+    by_queue: dict[int, tuple[Queue, list[tuple[Message, int]]]] = {}
+    for queue, message, _, seq in entries:
         slot = by_queue.get(id(queue))
         if slot is None:
-            by_queue[id(queue)] = (queue, [message])
+            by_queue[id(queue)] = (queue, [(message, seq)])
         else:
-            slot[1].append(message)
+            slot[1].append((message, seq))
     for queue, messages in by_queue.values():
         queue.requeue(messages)

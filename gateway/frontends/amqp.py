@@ -32,16 +32,38 @@ client's receiver link subscribes its source address, the MQTT filter as
 written. Denied attaches are refused (attach, then detach with
 amqp:unauthorized-access); denied messages are rejected with that condition.
 
-Flow and settlement. The gateway grants each sender link `CREDIT_WINDOW`
-credit and tops it up as messages are routed; unsettled messages are
-accepted and settled after routing (at-least-once). Deliveries to a receiver
-link follow the client's credit, at most `limits.max_inflight_messages`
-unsettled; a queue of `limits.max_queued_messages` holds the rest and
-overflow is dropped, counted and logged. A delivery the client releases or
-modifies is sent again; one it rejects is dropped and counted. When a link or
-connection closes, its unsettled and queued messages are counted as dropped
-("unsettled_on_close", "queued_on_close"): AMQP 1.0 sessions here are not
-persistent, so there is nothing to keep them for.
+Flow and settlement. Inbound processing runs on the pipeline MQTT and AMQP
+0.9.1 share (`gateway.frontends.flow.InboundFlow`): proton's events are taken
+from its collector after every read and handled in arrival order, at once
+while nothing waits, by one worker task when an auth answer or a rate-limit
+token must be awaited or the connection is held as a publisher. A message's
+bytes are read from proton as its frames arrive; a complete message is one
+publish event. The gateway grants each sender link `CREDIT_WINDOW` credit and
+tops it up as messages are settled. An unsettled message is settled after
+routing (at-least-once): `accepted` when every matching queue took it (once
+the store has committed it, when a durable queue or the retained store wrote
+it), `rejected` when a full queue refused it. What a publisher sees when a
+subscriber's queue is full, by that queue's `limits.queue_overflow` policy:
+    reject_new (the AMQP 1.0 default) -> rejected, amqp:resource-limit-exceeded,
+        the description naming the full queue (polygate_messages_refused)
+    block       -> accepted, and the connection is held: no more credit on its
+        sender links until the queue has drained to half. What it already
+        had credit for still arrives and waits, unsettled, to be routed in
+        order when the hold ends (and so does a detach or close behind it).
+    drop_oldest -> accepted; the queue's oldest message is dropped and counted
+The memory watermark holds a publisher the same way, and so does the
+gateway's shutdown (`drain`), which never lets go: nothing more is accepted.
+
+Deliveries to a receiver link follow the client's credit, at most
+`limits.max_inflight_messages` unsettled; the rest wait in the link's
+`MessageQueue` (`limits.max_queued_messages` / `max_queued_bytes`, the AMQP
+policy above; a connection is never held by its own receiver link). A
+delivery the client releases or modifies is sent again; one it rejects is
+dropped and counted. When a link or connection closes, its unsettled and
+queued messages are counted as dropped ("unsettled_on_close",
+"queued_on_close"): AMQP 1.0 sessions here are not persistent, so there is
+nothing to keep them for. At shutdown the gateway first waits (`drained`)
+until receivers have taken and settled what their links hold.
 
 Payloads: a message's body bytes (a Data section or a binary value; a string
 value as UTF-8) are the payload; messages to AMQP clients carry the payload
@@ -54,22 +76,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, Link, Transport, TransportException
 from proton import Message as AMQPMessage
 
 from gateway.amqp.sasl import SaslError, SaslInit, SaslServer
+from gateway.backpressure import DRAINING, NO_PUBLISHER, Blocker, Publisher
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Outcome, Protocol
-from gateway.frontends.flow import admit
+from gateway.frontends.flow import BYPASS, ORDERED, PUBLISH, AckOrder, InboundFlow, Output, ReadPauses, WriteGather, admit
 from gateway.frontends.peers import peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
+from gateway.queues import REFUSED, STORED, MessageQueue, limits_for
 from gateway.router import Message
 from gateway.topics import validate_topic_filter, validate_topic_name
 
@@ -80,7 +103,7 @@ HANDSHAKE_TIMEOUT = 10.0
 #: Advertised in our Open: a client silent for this long is dropped (proton sends
 #: heartbeats for the client's own idle timeout).
 IDLE_TIMEOUT = 60.0
-#: Credit granted to each client sender link, topped up as messages are routed.
+#: Credit granted to each client sender link, topped up as messages are settled.
 CREDIT_WINDOW = 100
 #: Largest frame the gateway accepts and sends; larger messages span frames.
 MAX_FRAME_SIZE = 65536
@@ -109,6 +132,9 @@ DROP_LOG_EVERY = 1000
 _UNAVAILABLE_TEXT = "auth service unavailable; try again later"
 #: `_collect` result while a transfer is still arriving.
 _INCOMPLETE = object()
+
+#: One inbound event for the connection's InboundFlow: (kind, handler, argument).
+_FlowEvent = tuple[int, Callable[["AMQPConnection", Any], Awaitable[None] | None], Any]
 
 
 def _refusal(decision: Decision, what: str) -> Condition:
@@ -151,14 +177,21 @@ class _Inbound:
 class _Outbound:
     """A link on which the client receives: the router's subscriber for its source filter."""
 
-    __slots__ = ("conn", "link", "topic_filter", "presettled", "queue", "unsettled", "_tags", "_drops", "closed")
+    __slots__ = ("conn", "link", "topic_filter", "presettled", "queue", "unsettled", "_entries", "_tags", "_drops",
+                 "closed")
 
     def __init__(self, conn: AMQPConnection, link: Link, topic_filter: str, presettled: bool) -> None:
         self.conn = conn
         self.link = link
         self.topic_filter = topic_filter
         self.presettled = presettled
-        self.queue: deque[Message] = deque()
+        ctx = conn.ctx
+        #: Messages waiting for the client's credit (or the inflight window).
+        self.queue = MessageQueue(
+            name=f"{conn.client_id}:{topic_filter}", protocol=Protocol.AMQP, limits=conn.queue_limits,
+            budget=ctx.router.budget, metrics=ctx.metrics,
+        )
+        self._entries = self.queue.entries
         #: Deliveries sent and not yet settled by the client, in send order.
         self.unsettled: dict[Delivery, Message] = {}
         self._tags = itertools.count(1)
@@ -167,16 +200,15 @@ class _Outbound:
 
     # The router keys subscribers by identity; keep the default object hash/eq.
 
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
         if self.closed:
-            return
-        if not self.queue and self._can_send():
+            return 0
+        if not self._entries and self._can_send():
             self._send(message)
-            return
-        if len(self.queue) >= self.conn.max_queued:
-            self.drop("queue_full")
-            return
-        self.queue.append(message)
+            return 0
+        queue = self.queue
+        # Never hold a connection back for its own link (that could stall both); it is still refused.
+        return queue.put(message, 0, publisher, own=publisher is self.conn.publisher)
 
     def _can_send(self) -> bool:
         return (
@@ -197,11 +229,12 @@ class _Outbound:
         self.conn.sent()
 
     def pump(self) -> None:
+        entries = self._entries
         queue = self.queue
-        while queue and self._can_send():
-            self._send(queue.popleft())
+        while entries and self._can_send():
+            self._send(queue.popleft()[0])
         link = self.link
-        if link.drain_mode and not queue and link.credit > 0:
+        if link.drain_mode and not entries and link.credit > 0:
             # The client asked for what is there, and nothing is: give back the credit.
             link.drained()
             self.conn.schedule_flush()
@@ -215,11 +248,15 @@ class _Outbound:
             return
         if state == Delivery.RELEASED or (state == Delivery.MODIFIED and not delivery.remote.undeliverable):
             # Not processed by the client: send it again, ahead of newer messages.
-            self.queue.appendleft(message)
+            self.queue.appendleft((message, 0, 0))
         elif state == Delivery.REJECTED or state == Delivery.MODIFIED:
             # Rejected, or "not here": this link will not take it, and there is no other.
             self.drop("rejected")
         self.pump()
+
+    def drained(self) -> bool:
+        """Nothing waits for the client: no queued message, none sent and unsettled."""
+        return not self.queue and not self.unsettled
 
     def drop(self, reason: str, count: int = 1) -> None:
         conn = self.conn
@@ -239,13 +276,34 @@ class _Outbound:
             return
         self.closed = True
         self.conn.ctx.router.unsubscribe_all(self)
-        lost_unsettled, lost_queued = len(self.unsettled), len(self.queue)
+        lost_unsettled = len(self.unsettled)
         self.unsettled.clear()
-        self.queue.clear()
+        # Also releases the publishers a full `block` queue held.
+        lost_queued = self.queue.clear()
         if lost_unsettled:
             self.drop("unsettled_on_close", lost_unsettled)
         if lost_queued:
             self.drop("queued_on_close", lost_queued)
+
+
+class _PublisherFlow(InboundFlow):
+    """The connection's InboundFlow, holding it back the AMQP 1.0 way as well.
+
+    While held, its publish events wait (InboundFlow) and its sender links get
+    no credit top-up (`AMQPConnection._top_up`); when the last holder lets go,
+    every link is topped up again.
+    """
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: AMQPConnection, output: Output, pauses: ReadPauses) -> None:
+        super().__init__(conn.loop, conn, output, pauses, conn.ctx.ratelimits.new_message_bucket())
+        self.conn = conn
+
+    def release(self, blocker: Blocker) -> None:
+        super().release(blocker)
+        if not self.gate.held:
+            self.conn.credit_all()
 
 
 class AMQPConnection(asyncio.Protocol):
@@ -257,7 +315,7 @@ class AMQPConnection(asyncio.Protocol):
         self.listener = frontend.listener
         self.loop = asyncio.get_running_loop()
         limits = self.ctx.config.limits
-        self.max_queued = limits.max_queued_messages
+        self.queue_limits = limits_for(limits, Protocol.AMQP)
         self.max_inflight = max(1, limits.max_inflight_messages)
         self._max_payload = limits.max_message_size
         self._max_topic = limits.max_topic_length
@@ -279,19 +337,22 @@ class AMQPConnection(asyncio.Protocol):
         self._outbound: dict[Link, _Outbound] = {}
         #: Partly received transfers: bytes so far, or None once too large to keep.
         self._partial: dict[Delivery, bytearray | None] = {}
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
-        self._in_callback = False
-        #: An awaited answer holds event processing (and reading) until it is acted on.
-        self._blocked = False
-        self._worker: asyncio.Task[None] | None = None
+        #: SASL bytes, then the engine's output (pulled at each flush), gathered per read.
+        self._output = Output(self.loop, self.ctx.state.shared("flow.gather", WriteGather), self._pull_output)
+        self._pauses = ReadPauses(lambda: self._closing)
+        #: Inbound events in order, and this connection's side of backpressure.
+        self.publisher = _PublisherFlow(self, self._output, self._pauses)
+        self._gate = self.publisher.gate
+        #: Settlements of received messages in arrival order, each once the store
+        #: committed what its message wrote.
+        self._settlements = AckOrder(self.ctx.store, self._settle_now)
+        self._router = self.ctx.router
         self._write_paused = False
         self._closing = False
         self._registered = False
         self._opened = False
         self._timer: asyncio.TimerHandle | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._bucket = self.ctx.ratelimits.new_message_bucket()
         self._metrics_in = self.ctx.metrics.messages_in
         self._metrics_out = self.ctx.metrics.messages_out
 
@@ -301,9 +362,12 @@ class AMQPConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self._output.transport = transport
+        self._pauses.attach(transport)
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
         if not admit(self.ctx, self.listener, self, Protocol.AMQP, ip, self.peer):
+            self._closing = True
             transport.abort()
             return
         self._registered = True
@@ -315,8 +379,8 @@ class AMQPConnection(asyncio.Protocol):
             if handle is not None:
                 handle.cancel()
         self._timer = self._tick_handle = None
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        self.publisher.close()
+        self._settlements.clear()
         for outbound in self._outbound.values():
             outbound.close()
         self._outbound.clear()
@@ -344,13 +408,14 @@ class AMQPConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         if self._opened and not self._closing:
-            self._in_callback = True
+            output = self._output
+            output.reading = True
             try:
                 for outbound in list(self._outbound.values()):
                     outbound.pump()
             finally:
-                self._in_callback = False
-            self._flush()
+                output.reading = False
+            output.flush()
 
     def eof_received(self) -> bool | None:
         engine = self._engine
@@ -364,18 +429,19 @@ class AMQPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self._in_callback = True
+        output = self._output
+        output.reading = True
         try:
             if self._sasl is not None:
                 data = self._sasl_received(data)
             if data and not self._closing:
                 self._push(data)
         finally:
-            self._in_callback = False
+            output.reading = False
         if self._engine is not None:
             self._after_input()
         else:
-            self._flush()
+            output.flush()
 
     # -- layer 1: SASL ------------------------------------------------------------------------
 
@@ -436,23 +502,49 @@ class AMQPConnection(asyncio.Protocol):
             self._drop_peer(f"AMQP engine error: {exc}")
 
     def _after_input(self) -> None:
-        """Act on what the engine made of the input, then send what it produced."""
+        """Hand what the engine made of the input to the inbound flow, then send what it produced."""
         if self._engine is None or self._closing:
             return
-        self._in_callback = True
         try:
-            self._process_events()
+            events = self._take_events()
             self._tick()
         except Exception:
-            # One error boundary per connection: a bug or an engine error on one
-            # client's input closes that client only, with the cause in the log.
+            # Our own bug or an engine error on one client's input closes that client
+            # only, with the cause in the log (events handled later: `flow_error`).
             log.exception("AMQP connection from %s (%r) failed", self.peer, self.client_id)
-            self._in_callback = False
             self._drop_peer("internal error")
             return
-        finally:
-            self._in_callback = False
-        self._flush()
+        if events and not self._closing:
+            self.publisher.feed(events)
+        else:
+            self._output.flush()
+
+    def _take_events(self) -> list[_FlowEvent]:
+        """Empty proton's collector into flow events (the events nobody acts on are left out).
+
+        The bytes of incoming transfers are read here, as they arrive, so the
+        session window keeps moving whatever waits; a complete message becomes
+        one publish event.
+        """
+        collector = self._collector
+        kinds = _KINDS
+        events: list[_FlowEvent] = []
+        while collector is not None and not self._closing:
+            event = collector.peek()
+            if event is None:
+                break
+            try:
+                number = event.type.number
+                if number == _DELIVERY:
+                    item = self._delivery_event(event.delivery)
+                else:
+                    entry = kinds.get(number)
+                    item = None if entry is None else (entry[0], entry[1], event)
+            finally:
+                collector.pop()
+            if item is not None:
+                events.append(item)
+        return events
 
     def _tick(self) -> None:
         """Let proton run its timers (idle timeout, heartbeats); keep one timer for the next."""
@@ -473,77 +565,71 @@ class AMQPConnection(asyncio.Protocol):
         self._tick_handle = None
         if self._engine is not None and not self._closing:
             self._tick()
-            self._flush()
+            self._output.flush()
 
-    def _process_events(self) -> None:
-        collector = self._collector
-        handlers = _HANDLERS
-        while not self._blocked and collector is not None and not self._closing:
-            event = collector.peek()
-            if event is None:
-                return
-            try:
-                handler = handlers.get(event.type.number)
-                if handler is not None:
-                    handler(self, event)
-            finally:
-                collector.pop()
+    # -- the inbound flow (FlowHandler) ---------------------------------------------------------
 
-    def _block(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Hold event processing and reading until `coro` has acted on its answer."""
-        self._blocked = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-        self._worker = self.loop.create_task(self._run_blocked(coro))
+    def event_kind(self, event: _FlowEvent) -> int:
+        return event[0]
 
-    async def _run_blocked(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        finally:
-            self._blocked = False
-            self._worker = None
+    def handle(self, event: _FlowEvent) -> Awaitable[None] | None:
         if self._closing:
-            return
-        if self.transport is not None:
-            self.transport.resume_reading()
-        self._after_input()
+            return None
+        return event[1](self, event[2])
+
+    def flow_error(self, event: _FlowEvent, exc: Exception) -> None:
+        log.error("AMQP connection from %s (%r) failed", self.peer, self.client_id, exc_info=exc)
+        self._drop_peer("internal error")
+
+    def publisher_name(self) -> str:
+        return repr(self.client_id or self.peer)
+
+    def drain(self) -> None:
+        """The gateway stops: no more credit, what arrives now is not settled; deliveries still flow."""
+        self.publisher.hold(DRAINING)
+
+    def drained(self) -> bool:
+        """Every receiver link took (and settled) what it was sent and what its queue held."""
+        return all(outbound.drained() for outbound in self._outbound.values())
 
     # -- output -------------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
         if data:
-            self._out.append(data)
-            self.schedule_flush()
+            self._output.write(data)
 
     def schedule_flush(self) -> None:
-        if not self._in_callback and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        """The engine has output: send it at the end of this read, or this loop turn."""
+        output = self._output
+        if not output.reading and not output.scheduled:
+            output.schedule()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out = self._out
+    def _pull_output(self) -> None:
+        """Output's before_flush: what the engine produced goes after what is buffered."""
         engine = self._engine
+        if engine is None:
+            return
+        buffer = self._output.buffer
         finished = False
-        if engine is not None:
-            while True:
-                pending = engine.pending()
-                if pending < 0:
-                    finished = True  # the engine closed its output: all frames are out
-                    break
-                if pending == 0:
-                    break
-                chunk = engine.peek(pending)
-                engine.pop(pending)
-                if chunk:
-                    out.append(bytes(chunk))
-        transport = self.transport
-        if out and transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-        self._out = []
-        if finished and transport is not None:
+        while True:
+            pending = engine.pending()
+            if pending < 0:
+                finished = True  # the engine closed its output: all frames are out
+                break
+            if pending == 0:
+                break
+            chunk = engine.peek(pending)
+            engine.pop(pending)
+            if chunk:
+                buffer.append(bytes(chunk))
+        if finished:
             self._closing = True
-            transport.close()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                if buffer:
+                    transport.write(b"".join(buffer))
+                transport.close()
+            buffer.clear()
 
     def can_send(self) -> bool:
         return not self._write_paused and not self._closing
@@ -563,7 +649,7 @@ class AMQPConnection(asyncio.Protocol):
             connection.condition = Condition(FORCED, reason)
             connection.close()
         self._closing = True
-        self._flush()
+        self._output.flush()
         self.transport.close()
 
     def _drop_peer(self, reason: str) -> None:
@@ -573,7 +659,7 @@ class AMQPConnection(asyncio.Protocol):
         if self.transport is None or self._closing:
             return
         self._closing = True
-        self._flush()
+        self._output.flush()
         self.transport.close()
 
     def _refuse_connection(self, condition: Condition) -> None:
@@ -583,7 +669,7 @@ class AMQPConnection(asyncio.Protocol):
         connection.condition = condition
         connection.open()
         connection.close()
-        self._flush()
+        self._output.flush()
         if self.transport is not None and not self._closing:
             self._closing = True
             self.transport.close()
@@ -595,12 +681,20 @@ class AMQPConnection(asyncio.Protocol):
 
     # -- connection and sessions --------------------------------------------------------------
 
-    def _on_connection_remote_open(self, event: Event) -> None:
+    def _on_connection_remote_open(self, event: Event) -> Awaitable[None]:
         connection = event.connection
         self.client_id = connection.remote_container or f"amqp:{self.peer}"
-        self._block(self._authenticate())
+        # Nothing the client sends after its Open is read before the decision.
+        self._pauses.pause("auth")
+        return self._authenticate()
 
     async def _authenticate(self) -> None:
+        try:
+            await self._decide_connect()
+        finally:
+            self._pauses.resume("auth")
+
+    async def _decide_connect(self) -> None:
         credentials = self._credentials
         self._credentials = None
         event = AuthEvent(
@@ -658,18 +752,18 @@ class AMQPConnection(asyncio.Protocol):
 
     # -- links --------------------------------------------------------------------------------
 
-    def _on_link_remote_open(self, event: Event) -> None:
+    def _on_link_remote_open(self, event: Event) -> Awaitable[None] | None:
         link = event.link
         if not link.state & Endpoint.LOCAL_UNINIT:
-            return
+            return None
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
         if len(self._inbound) + len(self._outbound) >= MAX_LINKS:
             self._refuse_link(link, Condition(RESOURCE_LIMIT, f"at most {MAX_LINKS} links per connection"))
-        elif link.is_receiver:
-            self._attach_inbound(link)
-        else:
-            self._attach_outbound(link)
+            return None
+        if link.is_receiver:
+            return self._attach_inbound(link)
+        return self._attach_outbound(link)
 
     def _refuse_link(self, link: Link, condition: Condition) -> None:
         # An attach is answered before it is refused (AMQP 1.0 part 2.6.3).
@@ -677,25 +771,25 @@ class AMQPConnection(asyncio.Protocol):
         link.open()
         link.close()
 
-    def _attach_inbound(self, link: Link) -> None:
+    def _attach_inbound(self, link: Link) -> Awaitable[None] | None:
         address = link.remote_target.address
         if link.remote_target.dynamic:
             self._refuse_link(link, Condition(NOT_IMPLEMENTED, "dynamic targets are not supported"))
-            return
+            return None
         if not address:
             self._open_inbound(link, None)
-            return
+            return None
         try:
             validate_topic_name(address, self._max_topic)
         except InvalidTopic as exc:
             self._refuse_link(link, Condition(INVALID_FIELD, f"target address is not a topic: {exc}"))
-            return
+            return None
         assert self.auth is not None
         decision = self.auth.publish_now(address)
-        if decision is not None:
-            self._decide_inbound(link, address, decision)
-        else:
-            self._block(self._await_inbound(link, address))
+        if decision is None:
+            return self._await_inbound(link, address)
+        self._decide_inbound(link, address, decision)
+        return None
 
     async def _await_inbound(self, link: Link, address: str) -> None:
         assert self.auth is not None
@@ -713,20 +807,21 @@ class AMQPConnection(asyncio.Protocol):
         link.max_message_size = self._max_payload + ENVELOPE_ALLOWANCE
         link.open()
         self._inbound[link] = _Inbound(link, topic)
-        link.flow(CREDIT_WINDOW)
+        # No credit while this publisher is held: release tops every link up.
+        self._top_up(link)
 
-    def _attach_outbound(self, link: Link) -> None:
+    def _attach_outbound(self, link: Link) -> Awaitable[None] | None:
         source = link.remote_source
         topic_filter = source.address
         if source.dynamic or not topic_filter:
             self._refuse_link(link, Condition(INVALID_FIELD, "a receiver needs a source address (a topic filter)"))
-            return
+            return None
         try:
             validate_topic_filter(topic_filter, self._max_topic)
         except InvalidTopic as exc:
             self._refuse_link(link, Condition(INVALID_FIELD, f"source address is not a topic filter: {exc}"))
-            return
-        self._block(self._await_outbound(link, topic_filter))
+            return None
+        return self._await_outbound(link, topic_filter)
 
     async def _await_outbound(self, link: Link, topic_filter: str) -> None:
         assert self.auth is not None
@@ -741,12 +836,12 @@ class AMQPConnection(asyncio.Protocol):
         link.open()
         outbound = _Outbound(self, link, topic_filter, presettled)
         self._outbound[link] = outbound
-        self._in_callback = True
-        try:
-            for message in self.ctx.router.subscribe(outbound, topic_filter, 0 if presettled else 1):
-                outbound.deliver(message, message.qos, True)
-        finally:
-            self._in_callback = False
+        retained = self._router.subscribe(outbound, topic_filter, 0 if presettled else 1, decision.exclusions)
+        for message in retained:
+            outbound.deliver(message, message.qos, True, NO_PUBLISHER)
+        # Credit (or a drain request) may have come while the decision was awaited.
+        outbound.pump()
+        self.schedule_flush()
 
     def _on_link_remote_close(self, event: Event) -> None:
         link = event.link
@@ -773,29 +868,51 @@ class AMQPConnection(asyncio.Protocol):
         if outbound is not None:
             outbound.pump()
 
+    # -- credit ---------------------------------------------------------------------------------
+
+    def _top_up(self, link: Link) -> None:
+        """Credit back up to the window, unless this publisher is held (that is how AMQP 1.0 holds one)."""
+        if not self._gate.held and link.state & Endpoint.LOCAL_ACTIVE and link.credit < CREDIT_WINDOW // 2:
+            link.flow(CREDIT_WINDOW - link.credit)
+
+    def credit_all(self) -> None:
+        """No holder holds this publisher any more: every sender link gets its credit back."""
+        if self._engine is None or self._closing:
+            return
+        for inbound in self._inbound.values():
+            self._top_up(inbound.link)
+        self.schedule_flush()
+
     # -- deliveries ---------------------------------------------------------------------------
 
-    def _on_delivery(self, event: Event) -> None:
-        delivery = event.delivery
+    def _delivery_event(self, delivery: Delivery) -> _FlowEvent | None:
+        """A DELIVERY event as the flow sees it: a settlement (bypasses held publishes) or a
+        complete incoming message (a publish); None while a message is still arriving."""
         link = delivery.link
         if link.is_sender:
-            outbound = self._outbound.get(link)
-            if outbound is not None:
-                if delivery.settled or delivery.remote_state:
-                    outbound.settled(delivery)
-            elif delivery.settled:
-                delivery.settle()
-            return
+            return (BYPASS, AMQPConnection._on_outcome, delivery)
         if delivery.aborted:
             self._partial.pop(delivery, None)
             delivery.settle()
-            return
+            return None
         inbound = self._inbound.get(link)
         if inbound is None or not delivery.readable:
-            return
+            return None
         data = self._collect(delivery, link)
-        if data is not _INCOMPLETE:
-            self._receive(inbound, delivery, data)  # type: ignore[arg-type]
+        if data is _INCOMPLETE:
+            return None
+        link.advance()
+        return (PUBLISH, AMQPConnection._on_message, (inbound, delivery, data))
+
+    def _on_outcome(self, delivery: Delivery) -> None:
+        """The client settled, or gave an outcome for, a message sent on one of its receiver links."""
+        outbound = self._outbound.get(delivery.link)
+        if outbound is not None:
+            if delivery.settled or delivery.remote_state:
+                outbound.settled(delivery)
+                self.schedule_flush()
+        elif delivery.settled:
+            delivery.settle()
 
     def _collect(self, delivery: Delivery, link: Link) -> bytearray | None | object:
         """Take the bytes that arrived: the whole message, None when too large, or _INCOMPLETE.
@@ -815,35 +932,14 @@ class AMQPConnection(asyncio.Protocol):
             return _INCOMPLETE
         return buffer
 
-    def _receive(self, inbound: _Inbound, delivery: Delivery, data: bytearray | None) -> None:
-        inbound.link.advance()
-        bucket = self._bucket
-        if bucket is not None:
-            wait = bucket.take()
-            if wait > 0:
-                self._block(self._throttled(inbound, delivery, data, wait))
-                return
-        self._handle_message(inbound, delivery, data)
-
-    async def _throttled(self, inbound: _Inbound, delivery: Delivery, data: bytearray | None, wait: float) -> None:
-        """A flooding client is slowed down, not dropped: nothing is read while it waits."""
-        bucket = self._bucket
-        while wait > 0 and not self._closing and bucket is not None:
-            await asyncio.sleep(wait)
-            wait = bucket.take()
-        if not self._closing:
-            self._in_callback = True
-            try:
-                self._handle_message(inbound, delivery, data)
-            finally:
-                self._in_callback = False
-
-    def _handle_message(self, inbound: _Inbound, delivery: Delivery, data: bytearray | None) -> None:
+    def _on_message(self, item: tuple[_Inbound, Delivery, bytearray | None]) -> Awaitable[None] | None:
+        """A complete message from the client (rate limited and held back by the flow)."""
+        inbound, delivery, data = item
         if data is None:
             self.ctx.metrics.dropped(Protocol.AMQP, "too_large")
             self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
                 TOO_LARGE, f"a message may carry at most {self._max_payload} bytes (limits.max_message_size)"))
-            return
+            return None
         message = AMQPMessage()
         try:
             message.decode(bytes(data))
@@ -852,23 +948,23 @@ class AMQPConnection(asyncio.Protocol):
             # values (bad UTF-8, unmapped types) can raise others; none may end the connection.
             self.ctx.metrics.dropped(Protocol.AMQP, "malformed")
             self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(DECODE_ERROR, f"undecodable message: {exc}"))
-            return
+            return None
         payload = payload_of(message)
         if payload is None:
             self.ctx.metrics.dropped(Protocol.AMQP, "malformed")
             self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
                 INVALID_FIELD, "the body must be binary data or a string"))
-            return
+            return None
         if len(payload) > self._max_payload:
             self.ctx.metrics.dropped(Protocol.AMQP, "too_large")
             self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
                 TOO_LARGE, f"a message may carry at most {self._max_payload} bytes (limits.max_message_size)"))
-            return
+            return None
         qos = 0 if delivery.settled else 1
         topic = inbound.topic
         if topic is not None:
             self._route(inbound, delivery, Message(topic, payload, qos, False))
-            return
+            return None
         topic = message.address or ""
         try:
             validate_topic_name(topic, self._max_topic)
@@ -876,23 +972,19 @@ class AMQPConnection(asyncio.Protocol):
             self.ctx.metrics.dropped(Protocol.AMQP, "bad_topic")
             self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
                 INVALID_FIELD, f"a sender without a target address must set `to` to a topic: {exc}"))
-            return
+            return None
         assert self.auth is not None
         decision = self.auth.publish_now(topic)
         if decision is None:
-            self._block(self._await_message(inbound, delivery, Message(topic, payload, qos, False)))
-            return
+            return self._await_message(inbound, delivery, Message(topic, payload, qos, False))
         self._act_on_message(inbound, delivery, Message(topic, payload, qos, False), decision)
+        return None
 
     async def _await_message(self, inbound: _Inbound, delivery: Delivery, message: Message) -> None:
         assert self.auth is not None
         decision = await self.auth.publish(message.topic)
         if not self._closing:
-            self._in_callback = True
-            try:
-                self._act_on_message(inbound, delivery, message, decision)
-            finally:
-                self._in_callback = False
+            self._act_on_message(inbound, delivery, message, decision)
 
     def _act_on_message(self, inbound: _Inbound, delivery: Delivery, message: Message, decision: Decision) -> None:
         if decision.outcome is Outcome.ALLOW:
@@ -904,32 +996,54 @@ class AMQPConnection(asyncio.Protocol):
 
     def _route(self, inbound: _Inbound, delivery: Delivery, message: Message) -> None:
         self._metrics_in[Protocol.AMQP] += 1
-        self.ctx.router.publish(message)
-        self._settle_in(inbound, delivery, Delivery.ACCEPTED, None)
+        status = self._router.publish(message, self.publisher)
+        if status & REFUSED:
+            self.ctx.metrics.messages_refused[Protocol.AMQP] += 1
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(
+                RESOURCE_LIMIT, f"a queue subscribed to {message.topic!r} is full (limits.max_queued_messages / "
+                                "max_queued_bytes, queue_overflow reject_new): the message was refused"),
+                bool(status & STORED))
+        else:
+            self._settle_in(inbound, delivery, Delivery.ACCEPTED, None, bool(status & STORED))
 
-    def _settle_in(self, inbound: _Inbound, delivery: Delivery, outcome: Any, condition: Condition | None) -> None:
+    def _settle_in(self, inbound: _Inbound, delivery: Delivery, outcome: Any, condition: Condition | None,
+                   stored: bool = False) -> None:
+        """Settle a received message: in arrival order, once what it stored is committed."""
+        item = (inbound, delivery, outcome, condition)
+        if delivery.settled:
+            # Pre-settled by the client: nothing to tell it, nothing to wait for.
+            self._settle_now(item)
+        else:
+            self._settlements.ack(item, stored)
+
+    def _settle_now(self, item: tuple[_Inbound, Delivery, Any, Condition | None]) -> None:
+        """AckOrder's send: the outcome goes to the client, and the link's credit is topped up."""
+        if self._engine is None:
+            return
+        inbound, delivery, outcome, condition = item
         if not delivery.settled:
             if condition is not None:
                 delivery.local.condition = condition
             delivery.update(outcome)
         delivery.settle()
-        link = inbound.link
-        if link.state & Endpoint.LOCAL_ACTIVE and link.credit < CREDIT_WINDOW // 2:
-            link.flow(CREDIT_WINDOW - link.credit)
+        self._top_up(inbound.link)
         self.schedule_flush()
 
 
-_HANDLERS: dict[int, Callable[[AMQPConnection, Event], None]] = {
-    Event.CONNECTION_REMOTE_OPEN.number: AMQPConnection._on_connection_remote_open,
-    Event.CONNECTION_REMOTE_CLOSE.number: AMQPConnection._on_connection_remote_close,
-    Event.SESSION_REMOTE_OPEN.number: AMQPConnection._on_session_remote_open,
-    Event.SESSION_REMOTE_CLOSE.number: AMQPConnection._on_session_remote_close,
-    Event.LINK_REMOTE_OPEN.number: AMQPConnection._on_link_remote_open,
-    Event.LINK_REMOTE_CLOSE.number: AMQPConnection._on_link_remote_close,
-    Event.LINK_REMOTE_DETACH.number: AMQPConnection._on_link_remote_detach,
-    Event.LINK_FLOW.number: AMQPConnection._on_link_flow,
-    Event.DELIVERY.number: AMQPConnection._on_delivery,
-    Event.TRANSPORT_ERROR.number: AMQPConnection._on_transport_error,
+_DELIVERY = Event.DELIVERY.number
+
+#: What the flow does with each proton event acted on: (kind, handler). Deliveries: `_delivery_event`.
+_KINDS: dict[int, tuple[int, Callable[[AMQPConnection, Any], Awaitable[None] | None]]] = {
+    Event.CONNECTION_REMOTE_OPEN.number: (ORDERED, AMQPConnection._on_connection_remote_open),
+    Event.CONNECTION_REMOTE_CLOSE.number: (ORDERED, AMQPConnection._on_connection_remote_close),
+    Event.SESSION_REMOTE_OPEN.number: (ORDERED, AMQPConnection._on_session_remote_open),
+    Event.SESSION_REMOTE_CLOSE.number: (ORDERED, AMQPConnection._on_session_remote_close),
+    Event.LINK_REMOTE_OPEN.number: (ORDERED, AMQPConnection._on_link_remote_open),
+    Event.LINK_REMOTE_CLOSE.number: (ORDERED, AMQPConnection._on_link_remote_close),
+    Event.LINK_REMOTE_DETACH.number: (ORDERED, AMQPConnection._on_link_remote_detach),
+    # Credit for a receiver link drains the queues that may hold publishers: never waits behind them.
+    Event.LINK_FLOW.number: (BYPASS, AMQPConnection._on_link_flow),
+    Event.TRANSPORT_ERROR.number: (BYPASS, AMQPConnection._on_transport_error),
 }
 
 

@@ -39,16 +39,16 @@ import asyncio
 import logging
 import platform
 import secrets
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from pamqp import commands
 
 from gateway import __version__
-from gateway.backpressure import Blocker, PublisherHold
+from gateway.backpressure import DRAINING
 from gateway.amqp091.broker import (
     DEFAULT_EXCHANGE,
+    KEY_PREFIX,
     TOPIC_EXCHANGE,
     AMQPMessage,
     Broker,
@@ -95,9 +95,12 @@ from gateway.context import FrontendContext
 from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol
-from gateway.frontends.flow import ReadPauses, admit
+from gateway.frontends.flow import BYPASS, ORDERED, PUBLISH, AckOrder, InboundFlow, Output, ReadPauses, WriteGather, admit
 from gateway.frontends.peers import peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
+from gateway.queues import REFUSED, STORED, limits_for
+from gateway.router import ROUTED
+from gateway.store.base import Snapshot
 
 log = logging.getLogger("polygate.amqp091")
 
@@ -108,8 +111,6 @@ CLOSE_TIMEOUT = 2.0
 #: Proposed in connection.tune; the client's tune-ok decides (0 = none).
 HEARTBEAT_INTERVAL = 60
 CHANNEL_MAX = 2047
-#: Events waiting behind an awaited decision before reading pauses (backpressure).
-MAX_BACKLOG = 1000
 UNAVAILABLE_TEXT = "auth service unavailable, try again later"
 
 _HEADER, _START, _TUNE, _OPEN_WAIT, _OPEN, _CLOSING = range(6)
@@ -126,7 +127,7 @@ SERVER_PROPERTIES: dict[str, Any] = {
         "authentication_failure_close": True,
         "per_consumer_qos": True,
         "exchange_exchange_bindings": False,
-        "connection.blocked": False,
+        "connection.blocked": True,
         "consumer_priorities": False,
         "direct_reply_to": False,
     },
@@ -142,42 +143,15 @@ def _amqp_bool(value: object) -> bool:
     return value is True or value == 1
 
 
-class OutputGather:
-    """AMQP connections written to while another one handles a read. They are flushed
-    when that read is done (one write each), instead of by a callback one loop turn
-    later. One per gateway, shared by every AMQP 0.9.1 connection."""
-
-    __slots__ = ("reads", "pending")
-
-    def __init__(self) -> None:
-        #: Connections inside `_dispatch` right now (0 or 1: reads do not nest).
-        self.reads = 0
-        self.pending: list[AMQP091Connection] = []
-
-    def flush(self) -> None:
-        pending = self.pending
-        self.pending = []
-        for connection in pending:
-            try:
-                connection._flush()
-            except Exception:
-                # Another connection's fault must not close the one whose read this is.
-                log.exception("AMQP connection %r from %s: write failed", connection.client_id, connection.peer)
-                if connection.transport is not None:
-                    connection.transport.abort()
-
-
 class AMQP091Connection(asyncio.Protocol):
     """One client connection: handshake, channels, and the per-connection half of the broker."""
 
-    def __init__(self, ctx: FrontendContext, listener: ListenerConfig, broker: Broker, routes: PublishRoutes,
-                 gather: OutputGather) -> None:
+    def __init__(self, ctx: FrontendContext, listener: ListenerConfig, broker: Broker, routes: PublishRoutes) -> None:
         self.ctx = ctx
         self.listener = listener
         self.broker = broker
         self._routes = routes
         self._known_routes = routes.known
-        self._gather = gather
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         limits = ctx.config.limits
@@ -195,16 +169,15 @@ class AMQP091Connection(asyncio.Protocol):
         self.consumer_cancel_notify = False
         self._state = _HEADER
         self._exclusive: list[Queue] = []
-        self._out: list[bytes] = []
+        self._output = Output(self.loop, ctx.state.shared("flow.gather", WriteGather), self._before_flush)
         self._confirm_channels: set[Channel] = set()
-        self._flush_scheduled = False
-        self._reading = False
+        #: Publisher confirms in publish order, each once its message is in the store.
+        self._confirms = AckOrder(ctx.store, self._confirm)
         self._paused_writing = False
         self._pauses = ReadPauses(lambda: self._closed)
-        self._backlog: deque[object] | None = None
-        self._barriers = 0
-        self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        #: The client handles connection.blocked / unblocked (its capability).
+        self._blocked_capable = False
         self._registered = False
         self._torn_down = False
         #: Activity since the last heartbeat tick: flags, not clock reads, on the hot path.
@@ -213,11 +186,10 @@ class AMQP091Connection(asyncio.Protocol):
         self._silent_ticks = 0
         self._timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
-        self._bucket = ctx.ratelimits.new_message_bucket()
         self._metrics_in = ctx.metrics.messages_in
         self._router = ctx.router
-        #: Congested queues this connection's publishes are held for (backpressure).
-        self._hold = PublisherHold()
+        #: Inbound frames in order, and this connection's side of backpressure.
+        self.publisher = InboundFlow(self.loop, self, self._output, self._pauses, ctx.ratelimits.new_message_bucket())
         self._connection_methods: dict[type, Callable[[Any], AsyncStep | None]] = {
             commands.Connection.StartOk: self._on_start_ok,
             commands.Connection.TuneOk: self._on_tune_ok,
@@ -253,6 +225,7 @@ class AMQP091Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self._output.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
         self._pauses.attach(transport)
@@ -269,8 +242,9 @@ class AMQP091Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._timer = self._close_timer = None
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        self.publisher.close()
+        self._confirms.clear()
+        self.broker.alarm_listeners.discard(self._memory_alarm)
         if not self._registered:
             return
         self._registered = False
@@ -288,7 +262,7 @@ class AMQP091Connection(asyncio.Protocol):
         self._paused_writing = False
         for channel in tuple(self.channels.values()):
             channel.refill()
-        self._flush()
+        self._output.flush()
 
     def data_received(self, data: bytes) -> None:
         self._received = True
@@ -298,11 +272,11 @@ class AMQP091Connection(asyncio.Protocol):
             except FramingError as exc:
                 # Act on what arrived intact first (e.g. publishes before the garbage).
                 if exc.events:
-                    self._dispatch(exc.events)
+                    self.publisher.feed(exc.events)
                 self._framing_error(exc)
                 return
             if events:
-                self._dispatch(events)
+                self.publisher.feed(events)
         except Exception:
             self._internal_error()
 
@@ -310,7 +284,7 @@ class AMQP091Connection(asyncio.Protocol):
         """The one boundary for our own bugs: logged, and only this connection closes (541)."""
         log.exception("AMQP connection %r from %s failed", self.client_id, self.peer)
         self._connection_error(ConnectionLevelError(INTERNAL_ERROR, "internal error"))
-        self._flush()
+        self._output.flush()
 
     def eof_received(self) -> bool | None:
         # A half-closed peer sends nothing more: close our side too (also mid-frame).
@@ -319,30 +293,26 @@ class AMQP091Connection(asyncio.Protocol):
     # -- output (ChannelOutput) -------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._reading and not self._flush_scheduled:
-            self._schedule_flush()
+        self._output.write(data)
 
     def can_send(self) -> bool:
         return not self._paused_writing and not self._closed
 
     def confirm_pending(self, channel: Channel) -> None:
         self._confirm_channels.add(channel)
-        if not self._reading and not self._flush_scheduled:
-            self._schedule_flush()
+        output = self._output
+        if not output.reading and not output.scheduled:
+            output.schedule()
 
-    def _schedule_flush(self) -> None:
-        """Output outside our own read: at the end of the read that caused it, else next loop turn."""
-        self._flush_scheduled = True
-        gather = self._gather
-        if gather.reads:
-            gather.pending.append(self)
-        else:
-            self.loop.call_soon(self._flush)
+    def _confirm(self, item: tuple[Channel, int, bool]) -> None:
+        """AckOrder's send: a publish's outcome, in publish order, once what it stored is durable."""
+        channel, seq, ok = item
+        if not channel.closing:
+            channel.confirmed(seq, ok)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out = self._out
+    def _before_flush(self) -> None:
+        """Publisher confirms go out with the rest; anything written counts as activity (heartbeats)."""
+        out = self._output.buffer
         if self._confirm_channels:
             for channel in self._confirm_channels:
                 if not channel.closing:
@@ -350,14 +320,11 @@ class AMQP091Connection(asyncio.Protocol):
                     if frames:
                         out.append(frames)
             self._confirm_channels.clear()
-        if not out:
-            return
-        self._out = []
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
-        self._sent = True
+        if out:
+            self._sent = True
+
+    def _flush(self) -> None:
+        self._output.flush()
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -392,7 +359,6 @@ class AMQP091Connection(asyncio.Protocol):
         self.channels.clear()
         self.broker.connection_closed(self, self._exclusive)
         self._exclusive.clear()
-        self._hold.release(self)
 
     def _framing_error(self, exc: FramingError) -> None:
         log.info("closing AMQP connection from %s: %s", self.peer, exc.detail,
@@ -418,7 +384,7 @@ class AMQP091Connection(asyncio.Protocol):
             if channel in self._confirm_channels:
                 frames = channel.confirm_frames()
                 if frames:
-                    self._out.append(frames)
+                    self._output.buffer.append(frames)
         self.write(encode_method(0, commands.Connection.Close(
             reply_code=exc.reply_code, reply_text=exc.reply_text, class_id=exc.class_id, method_id=exc.method_id)))
         self._state = _CLOSING
@@ -438,7 +404,7 @@ class AMQP091Connection(asyncio.Protocol):
         # Publishes handled before the failing one are confirmed first.
         frames = channel.confirm_frames()
         if frames:
-            self._out.append(frames)
+            self._output.buffer.append(frames)
         channel.shutdown()
         self.write(encode_method(number, commands.Channel.Close(
             reply_code=exc.reply_code, reply_text=exc.reply_text, class_id=exc.class_id, method_id=exc.method_id)))
@@ -473,151 +439,63 @@ class AMQP091Connection(asyncio.Protocol):
                 self._drop("missed heartbeats")
                 return
         if not self._sent:
-            self._out.append(HEARTBEAT)
+            self._output.buffer.append(HEARTBEAT)
             self._flush()
         self._sent = False
         self._timer = self.loop.call_later(interval / 2, self._heartbeat_tick)
 
     # -- event processing ---------------------------------------------------------------------------
 
-    def _dispatch(self, events: list[object]) -> None:
-        gather = self._gather
-        gather.reads += 1
-        try:
-            if self._backlog is None and not self._hold:
-                self._reading = True
-                try:
-                    self._process(events)
-                finally:
-                    self._reading = False
-            else:
-                self._enqueue(events)
-            self._flush()
-        finally:
-            gather.reads -= 1
-            if not gather.reads and gather.pending:
-                gather.flush()
-
-    def _process(self, events: list[object]) -> None:
-        """Handle events synchronously until one needs an awaited answer."""
-        bucket = self._bucket
-        for index, event in enumerate(events):
-            if self._closed:
-                return
-            kind = type(event)
-            step: AsyncStep | None = None
-            try:
-                if kind is Publish:
-                    if self._hold or (bucket is not None and bucket.take() > 0):
-                        # Held for a congested queue or rate limited: the rest waits, in order.
-                        self._enqueue(events[index:])
-                        return
-                    step = self._publish(event)  # type: ignore[arg-type]
-                elif kind is Ack:
-                    self._ack(event)  # type: ignore[arg-type]
-                    continue
-                else:
-                    step = self._handle(event)
-            except AMQPError as exc:
-                self._fail(getattr(event, "channel", 0), exc)
-                continue
-            if step is not None:
-                self._enqueue(events[index + 1:], first=(step, event))
-                return
-
-    def _enqueue(self, events: list[object], first: tuple[AsyncStep, object] | None = None) -> None:
-        """Queue events behind one that waits, starting the worker if needed."""
-        backlog = self._backlog
-        if backlog is None:
-            backlog = self._backlog = deque()
-            self._barriers = 0
-            self._worker = self.loop.create_task(self._work_backlog(first))
-        else:
-            # Steps start only from the synchronous path, which runs only without a backlog.
-            assert first is None
-        for event in events:
-            if self._is_ack(event) and not self._barriers:
-                self._run_now(event)
-            else:
-                backlog.append(event)
-                if type(event) is not Publish and not self._is_ack(event):
-                    self._barriers += 1
-        if len(backlog) > MAX_BACKLOG:
-            self._pauses.pause("backlog")
-
-    @staticmethod
-    def _is_ack(event: object) -> bool:
+    def event_kind(self, event: object) -> int:
         kind = type(event)
-        return kind is Ack or (kind is MethodFrame and type(event.method) in _ACK_METHODS)  # type: ignore[attr-defined]
+        if kind is Publish:
+            return PUBLISH
+        # Acknowledgements never wait behind held publishes: they drain the queues that hold them.
+        if kind is Ack or (kind is MethodFrame and type(event.method) in _ACK_METHODS):  # type: ignore[attr-defined]
+            return BYPASS
+        return ORDERED
 
-    def _run_now(self, event: object) -> None:
-        try:
-            if type(event) is Ack:
-                self._ack(event)  # type: ignore[arg-type]
-            else:
-                step = self._handle(event)
-                if step is not None:  # pragma: no cover - acknowledgements never wait
-                    step.close()
-        except AMQPError as exc:
+    def handle(self, event: object) -> AsyncStep | None:
+        kind = type(event)
+        if kind is Publish:
+            return self._publish(event)  # type: ignore[arg-type]
+        if kind is Ack:
+            self._ack(event)  # type: ignore[arg-type]
+            return None
+        return self._handle(event)
+
+    def flow_error(self, event: object, exc: Exception) -> None:
+        if isinstance(exc, AMQPError):
             self._fail(getattr(event, "channel", 0), exc)
+        else:
+            log.error("AMQP connection %r from %s failed", self.client_id, self.peer, exc_info=exc)
+            self._connection_error(ConnectionLevelError(INTERNAL_ERROR, "internal error"))
+            self._output.flush()
 
-    async def _work_backlog(self, first: tuple[AsyncStep, object] | None) -> None:
-        backlog = self._backlog
-        assert backlog is not None
-        step: AsyncStep | None = None
-        try:
-            if first is not None:
-                step, event = first
-                try:
-                    await step
-                except AMQPError as exc:
-                    self._fail(getattr(event, "channel", 0), exc)
-                self._flush()
-            while backlog and not self._closed:
-                event = backlog.popleft()
-                kind = type(event)
-                step = None
-                try:
-                    if kind is Publish:
-                        if self._hold:
-                            await self._hold.wait(self, repr(self.client_id))
-                        await self._pauses.wait_for_token(self._bucket)
-                        if self._closed:
-                            break
-                        step = self._publish(event)  # type: ignore[arg-type]
-                    elif kind is Ack:
-                        self._ack(event)  # type: ignore[arg-type]
-                    else:
-                        step = self._handle(event)
-                    if step is not None:
-                        await step
-                except AMQPError as exc:
-                    self._fail(getattr(event, "channel", 0), exc)
-                if kind is not Publish and not self._is_ack(event):
-                    self._barriers -= 1
-                if len(self._out) > 64:
-                    self._flush()
-            self._flush()
-        except Exception:
-            self._internal_error()
-        finally:
-            if step is not None:
-                step.close()
-            if first is not None:
-                first[0].close()
-            self._backlog = None
-            self._worker = None
-            self._barriers = 0
-            self._pauses.resume("backlog")
+    def publisher_name(self) -> str:
+        return repr(self.client_id or self.peer)
 
-    # -- backpressure from congested queues (broker.Publisher) -------------------------------------
+    def drain(self) -> None:
+        """The gateway stops: publishes from now on wait (unconfirmed); acknowledgements still flow."""
+        self.publisher.hold(DRAINING)
 
-    def throttle(self, blocker: Blocker) -> None:
-        if not self._closed:
-            self._hold.add(blocker)
+    def drained(self) -> bool:
+        """Everything this connection's consumers were sent is acknowledged, or kept in the store."""
+        for channel in self.channels.values():
+            if any(not seq for _, _, _, seq in channel.unacked.values()):
+                return False
+            if any(not consumer.queue.drained() for consumer in channel.consumers.values()):
+                return False
+        return True
 
-    def unthrottle(self, blocker: Blocker) -> None:
-        self._hold.remove(blocker)
+    def _memory_alarm(self, on: bool) -> None:
+        """connection.blocked / unblocked for clients that asked for them (RabbitMQ's memory alarm)."""
+        if self._state != _OPEN or self._closed:
+            return
+        if on:
+            self.write(encode_method(0, commands.Connection.Blocked(reason="low on memory: queued messages")))
+        else:
+            self.write(encode_method(0, commands.Connection.Unblocked()))
 
     # -- routing events to handlers -------------------------------------------------------------------
 
@@ -731,6 +609,7 @@ class AMQP091Connection(asyncio.Protocol):
         capabilities = properties.get("capabilities")
         if isinstance(capabilities, dict):
             self.consumer_cancel_notify = _amqp_bool(capabilities.get("consumer_cancel_notify"))
+            self._blocked_capable = _amqp_bool(capabilities.get("connection.blocked"))
         name = properties.get("connection_name")
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
@@ -784,6 +663,10 @@ class AMQP091Connection(asyncio.Protocol):
             self._timer = None
         if self.heartbeat:
             self._timer = self.loop.call_later(self.heartbeat / 2, self._heartbeat_tick)
+        if self._blocked_capable:
+            self.broker.alarm_listeners.add(self._memory_alarm)
+            if self.broker.budget.alarm:
+                self._memory_alarm(True)
 
     def _on_connection_close(self, method: commands.Connection.Close) -> None:
         if method.reply_code and method.reply_code != REPLY_SUCCESS:
@@ -816,7 +699,7 @@ class AMQP091Connection(asyncio.Protocol):
     def _on_channel_close(self, channel: Channel, method: commands.Channel.Close) -> None:
         frames = channel.confirm_frames()
         if frames:
-            self._out.append(frames)
+            self._output.buffer.append(frames)
         channel.shutdown()
         del self.channels[channel.number]
         self.write(encode_method(channel.number, commands.Channel.CloseOk()))
@@ -872,9 +755,11 @@ class AMQP091Connection(asyncio.Protocol):
         if method.passive and not name:
             name = self._queue_name(channel, name)
         existed = name in self.broker.queues
+        arguments = method.arguments if isinstance(method.arguments, dict) else {}
         queue = self.broker.declare(
             name, identity=self.identity, connection=self, passive=bool(method.passive),
-            durable=bool(method.durable), exclusive=bool(method.exclusive), auto_delete=bool(method.auto_delete))
+            durable=bool(method.durable), exclusive=bool(method.exclusive), auto_delete=bool(method.auto_delete),
+            arguments=arguments)
         if queue.exclusive and not existed:
             self._exclusive.append(queue)
         channel.last_queue = queue.name
@@ -910,7 +795,7 @@ class AMQP091Connection(asyncio.Protocol):
         self._check(decision, f"subscribe to topic filter {topic_filter!r}", class_id=50, method_id=20)
         if queue.deleted:
             raise ChannelError(NOT_FOUND, f"no queue '{queue.name}'", class_id=50, method_id=20)
-        self.broker.bind(queue, topic_filter)
+        self.broker.bind(queue, topic_filter, decision.exclusions)
         if not nowait:
             self.write(encode_method(channel.number, commands.Queue.BindOk()))
 
@@ -1073,16 +958,13 @@ class AMQP091Connection(asyncio.Protocol):
         self._metrics_in[Protocol.AMQP091] += 1
         message = AMQPMessage(topic, event.body, 1 if event.persistent else 0, exchange_key=exchange_key,
                               properties=event.properties)
-        broker = self.broker
-        broker.current_publisher = self
-        try:
-            routed = self._router.publish(message)
-        finally:
-            broker.current_publisher = None
-        if not routed and event.mandatory:
+        status = self._router.publish(message, self.publisher)
+        if not status & ROUTED and event.mandatory:
             self._unroutable(channel, event)
         elif channel.confirm:
-            channel.confirmed()
+            self._confirm_publish(channel, status)
+        elif status & REFUSED:
+            self.ctx.metrics.messages_refused[Protocol.AMQP091] += 1
 
     def _publish_to_queue(self, channel: Channel, event: Publish) -> None:
         assert self.identity is not None
@@ -1096,13 +978,24 @@ class AMQP091Connection(asyncio.Protocol):
         message = AMQPMessage(event.routing_key, event.body, 1 if event.persistent else 0,
                               exchange_key=exchange_and_key(DEFAULT_EXCHANGE, event.routing_key),
                               properties=event.properties)
-        broker.current_publisher = self
-        try:
-            queue.put(message)
-        finally:
-            broker.current_publisher = None
+        status = queue.put(message, self.publisher)
         if channel.confirm:
-            channel.confirmed()
+            self._confirm_publish(channel, status)
+        elif status & REFUSED:
+            self.ctx.metrics.messages_refused[Protocol.AMQP091] += 1
+
+    def _confirm_publish(self, channel: Channel, status: int) -> None:
+        """basic.ack once every queue holds the message (in the store for a durable one); basic.nack
+        when a full queue refused it."""
+        ok = not status & REFUSED
+        if not ok:
+            self.ctx.metrics.messages_refused[Protocol.AMQP091] += 1
+        confirms = self._confirms
+        stored = bool(status & STORED)
+        if ok and not stored and not confirms.waiting:
+            channel.confirmed(channel.publish_seq)
+        else:
+            confirms.ack((channel, channel.publish_seq, ok), stored)
 
     def _unroutable(self, channel: Channel, event: Publish) -> None:
         """Nothing took the message: basic.return when mandatory (before its confirm)."""
@@ -1111,7 +1004,7 @@ class AMQP091Connection(asyncio.Protocol):
                                      exchange_and_key(event.exchange, event.routing_key), event.properties,
                                      event.body, self.frame_max))
         if channel.confirm:
-            channel.confirmed()
+            self._confirm_publish(channel, 0)
 
 
 def _ignore(channel: Channel, method: Any) -> None:
@@ -1125,16 +1018,26 @@ class AMQP091Frontend(TCPListener):
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
         super().__init__(ctx, listener)
-        self.broker: Broker = ctx.state.shared("amqp091.broker", lambda: Broker(
-            router=ctx.router,
-            metrics=ctx.metrics,
-            max_queued=ctx.config.limits.max_queued_messages,
-            check_owners=ctx.dispatcher.requires_auth(Protocol.AMQP091),
-        ))
+        self.broker = shared_broker(ctx)
         self.routes: PublishRoutes = ctx.state.shared(
             "amqp091.routes", lambda: PublishRoutes(ctx.config.limits.max_topic_length))
-        self.gather: OutputGather = ctx.state.shared("amqp091.gather", OutputGather)
+
+    @staticmethod
+    def prepare(ctx: FrontendContext, snapshot: Snapshot) -> None:
+        """Before any listener opens: the durable queues the store kept."""
+        shared_broker(ctx).restore(snapshot.queues_of(KEY_PREFIX))
 
     def connection_factory(self) -> Callable[[], AMQP091Connection]:
-        ctx, listener, broker, routes, gather = self.ctx, self.listener, self.broker, self.routes, self.gather
-        return lambda: AMQP091Connection(ctx, listener, broker, routes, gather)
+        ctx, listener, broker, routes = self.ctx, self.listener, self.broker, self.routes
+        return lambda: AMQP091Connection(ctx, listener, broker, routes)
+
+
+def shared_broker(ctx: FrontendContext) -> Broker:
+    """The gateway's one set of AMQP 0.9.1 queues, shared by its AMQP 0.9.1 listeners."""
+    return ctx.state.shared("amqp091.broker", lambda: Broker(
+        router=ctx.router,
+        metrics=ctx.metrics,
+        limits=limits_for(ctx.config.limits, Protocol.AMQP091),
+        check_owners=ctx.dispatcher.requires_auth(Protocol.AMQP091),
+        store=ctx.store,
+    ))

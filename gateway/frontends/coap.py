@@ -24,9 +24,35 @@ Codes: 2.04 published, 2.05 content, 2.31 continue (Block1), 4.00 bad topic or
 request, 4.01 bad credentials, 4.02 an unsupported critical option, 4.03 not
 authorized, 4.04 no retained message, 4.05 another method, 4.08 a block-wise
 transfer out of order or unknown, 4.13 too large (Size1 = limits.max_message_size),
-4.29 rate limited, 5.03 auth service unavailable, gateway shutting down or the
-listener full (4.29 and 5.03 carry Max-Age, a retry hint in seconds). The
-payload of an error is a diagnostic message.
+4.29 rate limited, 5.03 auth service unavailable, a subscriber queue full,
+gateway shutting down or the listener full (4.29 and 5.03 carry Max-Age, a
+retry hint in seconds). The payload of an error is a diagnostic message.
+
+What a publisher sees. Each POST is its own publisher for the router
+(`gateway.backpressure`) and is answered by the flow contract every protocol
+keeps ("acknowledged means delivered"):
+    every matching queue took the message -> 2.04, only once the store has
+        committed it when a durable queue (a persistent MQTT session, a durable
+        AMQP 0.9.1 queue) or the retained store wrote it
+    a subscriber's full queue refused it (`limits.queue_overflow` reject_new,
+        the AMQP default) -> 5.03 with Max-Age 1 and the diagnostic "a subscriber
+        queue is full ..."; counted in polygate_messages_refused
+    a full `block` queue or the memory watermark holds it -> the 2.04 waits
+        until no queue holds it any more
+    the gateway is shutting down -> 5.03; nothing is routed
+A full `drop_oldest` queue (MQTT sessions, SSE streams, CoAP observers by
+default) takes the message and drops its own oldest one: the publisher sees
+2.04 as usual.
+
+An observation is a subscriber like any other: the notifications it has not
+sent yet wait in a `MessageQueue` (limits.max_queued_messages and
+max_queued_bytes, the CoAP overflow policy: drop_oldest by default, so an
+observer that acknowledges slowly loses its oldest messages, a QoS 0 one
+first, counted in polygate_queue_overflows and polygate_messages_dropped and
+logged, and never holds a publisher back; under `block` it holds its
+publishers until it has drained to half its bound). Observations are not kept
+across a restart; at shutdown the gateway waits a bounded time for each to
+send what it holds (`drained`).
 
 An observation ends when the client deregisters (GET with Observe: 1 on its
 token), answers a notification with RST, does not acknowledge a CON
@@ -52,6 +78,15 @@ the root here is `CatchAllSite`, which gives every request to one handler, and
 the UDP stack is assembled by `open_udp_context` on a socket bound here (aiocoap
 would set SO_REUSEPORT, so a second gateway on the same port would start
 silently and share the traffic).
+
+The socket is read by this module's `_RecvmsgTransport`, not aiocoap's: with
+IP_RECVERR on, an ICMP error (a client that went away) makes the socket poll
+POLLERR, which uvloop took for a dead descriptor and stopped reading the
+listener for good, silently. The socket sits in an epoll set of its own that
+the loop watches, queued ICMP errors end only the exchanges of the address
+they came back from, a send that fails on an error pending for another peer
+is retried, and `serving()` turns False (the gateway is then not ready) when
+the socket is no longer read.
 """
 
 from __future__ import annotations
@@ -88,14 +123,17 @@ from aiocoap.transports.udp6 import MessageInterfaceUDP6, SockExtendedErr, UDP6E
 from aiocoap.util import socknumbers
 from aiocoap.util.asyncio.recvmsg import RecvmsgSelectorDatagramTransport
 
+from gateway.backpressure import NO_PUBLISHER, Publisher
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
+from gateway.frontends.flow import publish_request
 from gateway.frontends.peers import format_peer
 from gateway.metrics import Metrics
+from gateway.queues import MemoryBudget, MessageQueue, QueueLimits, limits_for
 from gateway.router import Message as RouterMessage
-from gateway.topics import is_wildcard, validate_topic_filter, validate_topic_name
+from gateway.topics import is_wildcard, topic_matches, validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.coap")
 
@@ -111,8 +149,10 @@ MAX_TRANSFERS = 1024
 MAX_UPLOADS = 256
 #: Upper bound of a Max-Age retry hint, in seconds.
 MAX_RETRY_AFTER = 3600
-#: An observation that keeps overflowing logs its first drop and then every this many.
+#: Bad datagrams: the first one is logged, then every this many.
 DROP_LOG_EVERY = 1000
+#: Max-Age (seconds) of a 5.03 for a publish a full subscriber queue refused.
+RETRY_FULL = 1.0
 #: Largest regular block (1024 bytes); BERT (7) exists only on CoAP over TCP.
 MAX_BLOCK_SZX = 6
 
@@ -834,28 +874,43 @@ class _Transfer:
         self._wake()
 
 
+# -- the publisher side of one POST ------------------------------------------------------------------
+
+
 # -- one observation ---------------------------------------------------------------------------------
+
+
+def _is_qos0(meta: int) -> bool:
+    """A queued notification of delivery QoS 0 (drop_oldest drops such an entry first)."""
+    return meta == 0
 
 
 class Observation:
     """One Observe registration: a router subscriber and a GatewayState connection.
 
-    `deliver` only appends to a bounded queue; the request's own task (the one
-    aiocoap runs for the Observe request) sends, one notification in flight.
+    `deliver` only puts into the observation's bounded `MessageQueue` (whose
+    policy decides what a full one does; the meta int of an entry is its
+    delivery QoS); the request's own task (the one aiocoap runs for the
+    Observe request) sends, one notification in flight.
     """
 
     __slots__ = (
-        "client_id", "topic_filter", "dropped", "close_reason", "_queue", "_max_queued", "_wakeup",
+        "client_id", "topic_filter", "close_reason", "_queue", "_entries", "_wakeup",
         "_closed", "_metrics", "_frontend", "_waiter", "_number", "_last_con",
     )
 
-    def __init__(self, frontend: CoAPFrontend, *, client_id: str, topic_filter: str, max_queued: int, metrics: Metrics) -> None:
+    def __init__(
+        self, frontend: CoAPFrontend, *, client_id: str, topic_filter: str, limits: QueueLimits,
+        budget: MemoryBudget, metrics: Metrics,
+    ) -> None:
         self.client_id = client_id
         self.topic_filter = topic_filter
-        self.dropped = 0
         self.close_reason = ""
-        self._queue: collections.deque[tuple[RouterMessage, int]] = collections.deque()
-        self._max_queued = max_queued
+        self._queue = MessageQueue(
+            name=f"{client_id} {topic_filter}", protocol=Protocol.COAP, limits=limits, budget=budget,
+            metrics=metrics, qos0_meta=_is_qos0,
+        )
+        self._entries = self._queue.entries
         self._wakeup = asyncio.Event()
         self._closed = False
         self._metrics = metrics
@@ -864,22 +919,18 @@ class Observation:
         self._number = 0
         self._last_con = -math.inf
 
-    def deliver(self, message: RouterMessage, qos: int, retain: bool) -> None:
+    def deliver(self, message: RouterMessage, qos: int, retain: bool, publisher: Publisher) -> int:
         if self._closed:
             # Between close() and unsubscribe_all: counted, not worth a warning.
             self._metrics.dropped(Protocol.COAP, "observation_closed")
-            return
-        if len(self._queue) >= self._max_queued:
-            self.dropped += 1
-            self._metrics.dropped(Protocol.COAP, "queue_full")
-            if self.dropped == 1 or self.dropped % DROP_LOG_EVERY == 0:
-                log.warning(
-                    "observer %r of %r cannot keep up (queue limit %d): %d message(s) dropped so far",
-                    self.client_id, self.topic_filter, self._max_queued, self.dropped,
-                )
-            return
-        self._queue.append((message, qos))
+            return 0
+        status = self._queue.put(message, qos, publisher)
         self._wakeup.set()
+        return status
+
+    def drained(self) -> bool:
+        """Nothing waits to be notified (the gateway's shutdown polls this)."""
+        return not self._queue
 
     def close(self, reason: str) -> None:
         if not self._closed:
@@ -894,9 +945,10 @@ class Observation:
         return self._closed
 
     def discard_queue(self) -> None:
-        if self._queue:
-            self._metrics.dropped(Protocol.COAP, "observation_closed", len(self._queue))
-            self._queue.clear()
+        """The observation ended: what it still holds is lost (counted), and publishers it held go on."""
+        lost = self._queue.clear()
+        if lost:
+            self._metrics.dropped(Protocol.COAP, "observation_closed", lost)
 
     async def run(self, pipe: Pipe, szx: int, block_key: Any) -> None:
         """Register (an empty 2.05, Observe 0), then notify until closed or the observer is gone."""
@@ -904,17 +956,18 @@ class Observation:
         first.opt.observe = 0
         pipe.add_response(first, is_last=False)
         queue = self._queue
+        entries = self._entries
         while True:
             if self._closed:
                 final = ServiceUnavailable(f"observation ended: {self.close_reason}").to_message()
                 final.transport_tuning = _UNRELIABLE
                 pipe.add_response(final, is_last=True)
                 return
-            if not queue:
+            if not entries:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            message, qos = queue.popleft()
+            message, qos, _ = queue.popleft()
             if not await self._notify(pipe, message, qos, szx, block_key):
                 final = ServiceUnavailable("observation ended: notifications were not acknowledged").to_message()
                 final.transport_tuning = _UNRELIABLE
@@ -979,6 +1032,8 @@ class CoAPFrontend:
         limits = ctx.config.limits
         self._max_message = limits.max_message_size
         self._max_topic = limits.max_topic_length
+        #: Bound and overflow policy of each observation's queue.
+        self._observer_limits = limits_for(limits, Protocol.COAP)
         self.reliable_tuning = reliable_tuning or _RELIABLE
         # aiocoap gives up on a CON after MAX_TRANSMIT_WAIT and ends the observation itself; this is a backstop.
         self.ack_deadline = float(self.reliable_tuning.MAX_TRANSMIT_WAIT) + 1.0
@@ -1093,13 +1148,14 @@ class CoAPFrontend:
             peer=peer,
         )
 
-    async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> None:
+    async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> tuple[str, ...]:
+        """Raise the error a refusal maps to; else the decision's exclusions (for a subscribe)."""
         dispatcher = self._ctx.dispatcher
         if not dispatcher.requires_auth(Protocol.COAP):
-            return
+            return ()
         decision = await dispatcher.decide_stateless(client.for_operation(action, topic))
         if decision.outcome is Outcome.ALLOW:
-            return
+            return decision.exclusions
         if decision.outcome is Outcome.UNAVAILABLE:
             raise ServiceUnavailable("auth service unavailable, try again later")
         if decision.identity is None:
@@ -1139,12 +1195,21 @@ class CoAPFrontend:
         wait = self._ctx.ratelimits.check_message(client.client_id)
         if wait > 0:
             raise TooManyRequests("too many messages from this client", retry_after=wait)
-        self._ctx.router.publish(RouterMessage(topic, payload, query.qos or 0, bool(query.retain)))
-        self._ctx.metrics.messages_in[Protocol.COAP] += 1
+        await self._publish(client, RouterMessage(topic, payload, query.qos or 0, bool(query.retain)))
         response = aiocoap.Message(code=codes.CHANGED)
         if block1 is not None:
             response.opt.block1 = (block1.block_number, False, block1.size_exponent)
         return response
+
+    async def _publish(self, client: AuthEvent, message: RouterMessage) -> None:
+        """Route the message; return once every queue took it (and the store committed what it wrote)."""
+        ctx = self._ctx
+        # Checked again here: the gateway may have begun stopping while auth or an upload was awaited.
+        if not self._accepting or ctx.state.shutting_down:
+            raise ServiceUnavailable("the gateway is shutting down")
+        if not await publish_request(ctx, message, Protocol.COAP, repr(client.client_id)):
+            raise ServiceUnavailable(
+                "a subscriber queue is full and refused the message: publish again later", retry_after=RETRY_FULL)
 
     async def _assemble(self, request: aiocoap.Message, client: AuthEvent, topic: str, block1: Any) -> bytes | None:
         """Add one Block1 block; the whole payload after the last one, None while more are due."""
@@ -1197,15 +1262,17 @@ class CoAPFrontend:
         query = parse_query(request.opt.uri_query)
         client = self._client(query, peer)
         if request.opt.observe == 0:
-            await self._authorize(client, Action.SUBSCRIBE, topic_filter)
+            exclusions = await self._authorize(client, Action.SUBSCRIBE, topic_filter)
             qos = 1 if query.qos is None else query.qos
-            await self._observe(pipe, request, client, topic_filter, qos)
+            await self._observe(pipe, request, client, topic_filter, qos, exclusions)
             return
         if is_wildcard(topic_filter):
             raise BadRequest(
                 "a GET without Observe reads the retained message of one topic: observe (Observe: 0) to use a filter"
             )
-        await self._authorize(client, Action.SUBSCRIBE, topic_filter)
+        exclusions = await self._authorize(client, Action.SUBSCRIBE, topic_filter)
+        if any(topic_matches(excluded, topic_filter) for excluded in exclusions):
+            raise Forbidden(f"not authorized to {Action.SUBSCRIBE.value} {topic_filter!r}")
         retained = self._ctx.router.retained(topic_filter)
         if not retained:
             raise NotFound(f"no retained message on {topic_filter!r}")
@@ -1220,11 +1287,14 @@ class CoAPFrontend:
         self._ctx.metrics.messages_out[Protocol.COAP] += 1
         pipe.add_response(response, is_last=True)
 
-    async def _observe(self, pipe: Pipe, request: aiocoap.Message, client: AuthEvent, topic_filter: str, qos: int) -> None:
+    async def _observe(
+        self, pipe: Pipe, request: aiocoap.Message, client: AuthEvent, topic_filter: str, qos: int,
+        exclusions: tuple[str, ...],
+    ) -> None:
         ctx = self._ctx
         observation = Observation(
-            self, client_id=client.client_id, topic_filter=topic_filter,
-            max_queued=ctx.config.limits.max_queued_messages, metrics=ctx.metrics,
+            self, client_id=client.client_id, topic_filter=topic_filter, limits=self._observer_limits,
+            budget=ctx.router.budget, metrics=ctx.metrics,
         )
         listener = self._listener.name
         if not ctx.state.register(listener, observation):
@@ -1236,8 +1306,8 @@ class CoAPFrontend:
         block_key = self._block_key(request)
         try:
             # Subscribed before the first response goes out: nothing published after it is missed.
-            for message in ctx.router.subscribe(observation, topic_filter, qos):
-                observation.deliver(message, min(message.qos, qos), True)
+            for message in ctx.router.subscribe(observation, topic_filter, qos, exclusions):
+                observation.deliver(message, min(message.qos, qos), True, NO_PUBLISHER)
             await observation.run(pipe, _block_szx(request), block_key)
         finally:
             # Also when aiocoap cancels this task: a deregistration, a RST, an

@@ -7,6 +7,29 @@ authorizes it (`decide_stateless`) and this module only maps the decision to a
 status code. A raw body is read only once its request is authorized, and no
 body is read beyond the size limit.
 
+What a publisher sees. Each POST is its own publisher for the router
+(`gateway.backpressure`); its answer follows the flow contract every protocol
+keeps ("acknowledged means delivered"):
+    every matching queue took the message -> 202, only once the store has
+        committed it when a durable queue (a persistent MQTT session, a durable
+        AMQP 0.9.1 queue) or the retained store wrote it
+    a subscriber's full queue refused it -> 503 with Retry-After and a JSON
+        error saying a subscriber queue is full (`limits.queue_overflow`
+        reject_new, the AMQP default; counted in polygate_messages_refused)
+    a full `block` queue or the memory watermark holds it -> the 202 waits
+        until no queue holds it any more (or the client gives up)
+    the gateway is shutting down -> 503 with Retry-After; nothing is routed
+A full `drop_oldest` queue (MQTT sessions, SSE streams, CoAP observers by
+default) takes the message and drops its own oldest one: the publisher sees
+202 as usual.
+
+An SSE stream is a subscriber like any other: its waiting events are a
+`MessageQueue` with the HTTP overflow policy (drop_oldest by default, so a
+slow reader loses its oldest events, counted in polygate_queue_overflows and
+polygate_messages_dropped and logged, and never holds a publisher back; under
+`block` it holds its publishers until it has drained to half its bound).
+Streams are not kept across a restart.
+
 The listening socket, TLS and runner come from `gateway.frontends.aiohttp_listener`
 (shared with the health and WebSocket listeners); client-certificate identities
 come from `gateway.frontends.peers`, as for every frontend.
@@ -17,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import json
 import logging
 import math
@@ -27,13 +49,16 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import MultiMapping
 
+from gateway.backpressure import Publisher
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
 from gateway.frontends.aiohttp_listener import AiohttpListener
+from gateway.frontends.flow import publish_request
 from gateway.frontends.peers import format_peer, peer_identity
 from gateway.metrics import Metrics
+from gateway.queues import MemoryBudget, MessageQueue, QueueLimits, limits_for
 from gateway.router import Message
 from gateway.topics import validate_topic_filter, validate_topic_name
 
@@ -44,8 +69,8 @@ HTTP_KEEPALIVE_TIMEOUT = 75.0
 
 #: A comment line this often keeps proxies from closing an idle event stream.
 KEEPALIVE_INTERVAL = 15.0
-#: A stream that keeps overflowing logs its first drop and then every this many.
-DROP_LOG_EVERY = 1000
+#: Retry-After, in seconds, of a publish refused by a full queue or made while the gateway stops.
+RETRY_FULL = 1
 #: Upper bound of a Retry-After header, in seconds.
 MAX_RETRY_AFTER = 3600
 #: Events written to the socket in one `write` (bounds one batch's memory).
@@ -189,40 +214,40 @@ def encode_event(message: Message) -> bytes:
 class SSEStream:
     """One `GET /subscribe` stream: a router subscriber and a GatewayState connection.
 
-    `deliver` only appends to a bounded queue; the request's own task writes.
+    `deliver` only puts into the stream's bounded `MessageQueue` (whose policy
+    decides what a full one does); the request's own task writes.
     """
 
-    __slots__ = ("client_id", "_queue", "_max_queued", "_wakeup", "_closed", "_metrics", "dropped", "close_reason")
+    __slots__ = ("client_id", "_queue", "_entries", "_wakeup", "_closed", "_metrics", "close_reason")
 
-    def __init__(self, client_id: str, *, max_queued: int, metrics: Metrics) -> None:
+    def __init__(self, client_id: str, *, limits: QueueLimits, budget: MemoryBudget, metrics: Metrics) -> None:
         self.client_id = client_id
-        self._queue: collections.deque[Message] = collections.deque()
-        self._max_queued = max_queued
+        self._queue = MessageQueue(name=client_id, protocol=Protocol.HTTP, limits=limits, budget=budget,
+                                   metrics=metrics)
+        self._entries = self._queue.entries
         self._wakeup = asyncio.Event()
         self._closed = False
         self._metrics = metrics
-        self.dropped = 0
         self.close_reason = ""
 
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
         if self._closed:
             # Between close() and unsubscribe_all: counted, not worth a warning.
             self._metrics.dropped(Protocol.HTTP, "stream_closed")
-            return
-        if len(self._queue) >= self._max_queued:
-            self._overflow()
-            return
-        self._queue.append(message)
+            return 0
+        status = self._queue.put(message, 0, publisher)
         self._wakeup.set()
+        return status
 
-    def _overflow(self) -> None:
-        self.dropped += 1
-        self._metrics.dropped(Protocol.HTTP, "queue_full")
-        if self.dropped == 1 or self.dropped % DROP_LOG_EVERY == 0:
-            log.warning(
-                "event stream of client %r cannot keep up (queue limit %d): %d message(s) dropped so far",
-                self.client_id, self._max_queued, self.dropped,
-            )
+    def drained(self) -> bool:
+        """Nothing waits to be written to the client (the gateway's shutdown polls this)."""
+        return not self._queue
+
+    def discard(self) -> None:
+        """The stream ended: what it still holds is lost (counted), and publishers it held go on."""
+        lost = self._queue.clear()
+        if lost:
+            self._metrics.dropped(Protocol.HTTP, "stream_closed", lost)
 
     def close(self, reason: str) -> None:
         if not self._closed:
@@ -238,9 +263,10 @@ class SSEStream:
         """Write `first`, then every delivered message, until closed; what is queued is flushed."""
         await self._send(response, list(first))
         queue = self._queue
+        entries = self._entries
         while True:
-            if queue:
-                batch = [queue.popleft() for _ in range(min(len(queue), EVENTS_PER_WRITE))]
+            if entries:
+                batch = [queue.popleft()[0] for _ in range(min(len(entries), EVENTS_PER_WRITE))]
                 await self._send(response, batch)
                 continue
             if self._closed:
@@ -257,6 +283,9 @@ class SSEStream:
             chunk = messages[start:start + EVENTS_PER_WRITE]
             await response.write(b"".join(encode_event(m) for m in chunk))
             self._metrics.messages_out[Protocol.HTTP] += len(chunk)
+
+
+# -- the publisher side of one POST --------------------------------------------------------------------
 
 
 # -- the frontend ------------------------------------------------------------------------------------
@@ -306,6 +335,7 @@ class HTTPFrontend:
         # The JSON form carries the payload in base64 (4/3 larger) plus the topic, escaped.
         self._max_json_body = 4 * math.ceil(limits.max_message_size / 3) + 6 * limits.max_topic_length + 4096
         self._streams: set[SSEStream] = set()
+        self._stream_limits = limits_for(limits, Protocol.HTTP)
         app = web.Application(
             middlewares=[error_boundary],
             client_max_size=max(self._max_message, self._max_json_body),
@@ -353,6 +383,7 @@ class HTTPFrontend:
         if path == "subscribe" and request.method == "GET":
             return await self._subscribe(request)
         if request.method == "POST":
+            self._check_running()
             if path == "publish":
                 return await self._publish_json(request)
             return await self._publish_raw(request, path)
@@ -376,13 +407,14 @@ class HTTPFrontend:
             secret=secret, peer=peer, tls_identity=tls_identity,
         )
 
-    async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> None:
+    async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> tuple[str, ...]:
+        """Raise the error a refusal maps to; else the decision's exclusions (for a subscribe)."""
         dispatcher = self._ctx.dispatcher
         if not dispatcher.requires_auth(Protocol.HTTP):
-            return
+            return ()
         decision = await dispatcher.decide_stateless(client.for_operation(action, topic))
         if decision.outcome is Outcome.ALLOW:
-            return
+            return decision.exclusions
         if decision.outcome is Outcome.UNAVAILABLE:
             raise ServiceUnavailable("auth service unavailable, try again later", retry_after=1)
         if decision.identity is None:
@@ -411,7 +443,7 @@ class HTTPFrontend:
         await self._authorize(client, Action.PUBLISH, topic)
         self._check_message_rate(client)
         payload = await _read_body(request, self._max_message)
-        return self._publish(topic, payload, qos, retain)
+        return await self._publish(client, topic, payload, qos, retain)
 
     async def _publish_json(self, request: web.Request) -> web.Response:
         body = await _read_body(request, self._max_json_body)
@@ -419,7 +451,7 @@ class HTTPFrontend:
         client = self._client(request)
         await self._authorize(client, Action.PUBLISH, topic)
         self._check_message_rate(client)
-        return self._publish(topic, payload, qos, retain)
+        return await self._publish(client, topic, payload, qos, retain)
 
     def _parse_json(self, body: bytes) -> tuple[str, bytes, int, bool]:
         try:
@@ -455,9 +487,18 @@ class HTTPFrontend:
         if wait > 0:
             raise TooManyRequests("too many messages from this client", retry_after=wait)
 
-    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> web.Response:
-        self._ctx.router.publish(Message(topic, payload, qos, retain))
-        self._ctx.metrics.messages_in[Protocol.HTTP] += 1
+    def _check_running(self) -> None:
+        if self._ctx.state.shutting_down:
+            raise ServiceUnavailable("the gateway is shutting down: publish again later", retry_after=RETRY_FULL)
+
+    async def _publish(self, client: AuthEvent, topic: str, payload: bytes, qos: int, retain: bool) -> web.Response:
+        """Route the message; 202 once every queue took it (and the store committed what it wrote)."""
+        # Checked again here: the gateway may have begun stopping while auth or the body was awaited.
+        self._check_running()
+        if not await publish_request(self._ctx, Message(topic, payload, qos, retain), Protocol.HTTP,
+                                     repr(client.client_id)):
+            raise ServiceUnavailable(
+                "a subscriber queue is full and refused the message: publish again later", retry_after=RETRY_FULL)
         return web.json_response({"status": "accepted"}, status=202)
 
     # -- subscribe -------------------------------------------------------------------------------
@@ -476,10 +517,12 @@ class HTTPFrontend:
     async def _subscribe(self, request: web.Request) -> web.StreamResponse:
         filters = self._filters(request.query)
         client = self._client(request)
+        exclusions: dict[str, tuple[str, ...]] = {}
         for topic_filter in filters:
-            await self._authorize(client, Action.SUBSCRIBE, topic_filter)
+            exclusions[topic_filter] = await self._authorize(client, Action.SUBSCRIBE, topic_filter)
         ctx = self._ctx
-        stream = SSEStream(client.client_id, max_queued=ctx.config.limits.max_queued_messages, metrics=ctx.metrics)
+        stream = SSEStream(client.client_id, limits=self._stream_limits, budget=ctx.router.budget,
+                           metrics=ctx.metrics)
         listener = self._listener.name
         if not ctx.state.register(listener, stream):
             reason = "shutting_down" if ctx.state.shutting_down else "listener_full"
@@ -497,7 +540,7 @@ class HTTPFrontend:
             # Subscribed before the headers go out: once a client sees them, nothing published is missed.
             retained: dict[str, Message] = {}
             for topic_filter in filters:
-                for message in ctx.router.subscribe(stream, topic_filter, 0):
+                for message in ctx.router.subscribe(stream, topic_filter, 0, exclusions[topic_filter]):
                     retained.setdefault(message.topic, message)
             await response.prepare(request)
             await stream.run(response, retained.values(), self._keepalive)
@@ -511,6 +554,7 @@ class HTTPFrontend:
         finally:
             stream.close("stream ended")
             ctx.router.unsubscribe_all(stream)
+            stream.discard()
             ctx.state.unregister(listener, stream)
             self._streams.discard(stream)
             ctx.metrics.connection_closed(Protocol.HTTP)

@@ -13,16 +13,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
-from gateway.backpressure import Blocker, PublisherHold
+from gateway.backpressure import DRAINING, NO_PUBLISHER
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Outcome, Protocol, Secret
-from gateway.frontends.flow import ReadPauses, admit
+from gateway.frontends.flow import (
+    BYPASS,
+    ORDERED,
+    PUBLISH,
+    SEQUENCED,
+    AckOrder,
+    InboundFlow,
+    Output,
+    ReadPauses,
+    WriteGather,
+    admit,
+)
 from gateway.frontends.peers import peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.mqtt.codec import (
@@ -57,19 +67,18 @@ from gateway.mqtt.packets import (
     Subscribe,
     Unsubscribe,
 )
-from gateway.mqtt.session import Session, SessionRegistry
+from gateway.mqtt.session import KEY_PREFIX, Session, SessionRegistry
 from gateway.dispatcher import SessionAuth
-from gateway.router import Message
+from gateway.message import Message
+from gateway.queues import STORED, limits_for
+from gateway.store.base import Snapshot
 from gateway.topics import validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.mqtt")
 
 #: A client that connects and sends no CONNECT within this time is dropped.
 CONNECT_TIMEOUT = 10.0
-#: Packets waiting behind an awaited decision before reading pauses (backpressure).
-MAX_BACKLOG = 1000
 
-_CONNACK_FOR_OUTCOME = {Outcome.UNAVAILABLE: CONNACK_SERVER_UNAVAILABLE}
 _ALLOW = Outcome.ALLOW
 
 
@@ -107,10 +116,10 @@ class _SharedHead:
 class MQTTConnection(asyncio.Protocol):
     __slots__ = (
         "ctx", "listener", "registry", "loop", "transport", "decoder", "peer", "tls_identity",
-        "session", "auth", "connect", "will", "_out", "_flush_scheduled", "_reading", "_paused",
-        "_backlog", "_worker", "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
-        "_bucket", "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
-        "_registered", "_taken_over", "_prepaid", "_pauses", "_hold", "_received", "_sent",
+        "session", "auth", "connect", "will", "publisher", "_output", "_buf", "_acks", "_paused",
+        "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
+        "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
+        "_registered", "_taken_over", "_pauses", "_received", "_sent",
         "_router", "_shared_head",
     )
 
@@ -131,17 +140,16 @@ class MQTTConnection(asyncio.Protocol):
         self.auth: SessionAuth | None = None
         self.connect: Connect | None = None
         self.will: Message | None = None
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
-        self._reading = False
+        self._output = Output(self.loop, ctx.state.shared("flow.gather", WriteGather), self._count_messages)
+        #: The output buffer, appended to directly on the delivery hot path.
+        self._buf = self._output.buffer
+        #: PUBACK/PUBREC in arrival order, each once its message is in the store.
+        self._acks = AckOrder(ctx.store, self._output.write)
         self._paused = False
-        self._backlog: deque[object] | None = None
-        self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._clean_disconnect = False
         self._last_rx = 0.0
         self._keepalive_handle: asyncio.TimerHandle | None = None
-        self._bucket = ctx.ratelimits.new_message_bucket()
         self._metrics_out = ctx.metrics.messages_out
         self._metrics_in = ctx.metrics.messages_in
         # Messages received and sent since the last flush: plain ints per message,
@@ -153,12 +161,10 @@ class MQTTConnection(asyncio.Protocol):
         self._deny_disconnect = ctx.config.auth.deny_publish_action == "disconnect"
         self._registered = False
         self._taken_over = False
-        #: The one backlogged PUBLISH that already took its rate-limit token.
-        self._prepaid: object | None = None
         #: Why reading is paused ("backlog", "ratelimit"); reading resumes when empty.
         self._pauses = ReadPauses(lambda: self._closing)
-        #: Congested sessions this connection's publishes are held for (backpressure).
-        self._hold = PublisherHold()
+        #: Inbound packets in order, and this connection's side of backpressure.
+        self.publisher = InboundFlow(self.loop, self, self._output, self._pauses, ctx.ratelimits.new_message_bucket())
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -166,6 +172,7 @@ class MQTTConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self._output.transport = transport
         ip, self.peer = peer_address(transport)
         self.tls_identity = peer_identity(transport)
         self._pauses.attach(transport)
@@ -177,12 +184,12 @@ class MQTTConnection(asyncio.Protocol):
         self._keepalive_handle = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
             self._keepalive_handle = None
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
-        self._hold.release(self)
+        self.publisher.close()
+        self._acks.clear()
         self._count_messages()
         if not self._registered:
             return
@@ -195,15 +202,19 @@ class MQTTConnection(asyncio.Protocol):
             return
         session.detach(self)
         client_id = session.client_id
-        if self.registry.owners.get(client_id) is self:
-            del self.registry.owners[client_id]
+        registry = self.registry
+        if registry.owners.get(client_id) is self:
+            del registry.owners[client_id]
         if self.will is not None and not self._clean_disconnect and not ctx.state.shutting_down:
             ctx.state.spawn(self._publish_will(self.will), name=f"mqtt-will-{client_id}")
         self.will = None
         if self.auth is not None and not self._taken_over:
             self.auth.close()
-        if session.clean and not self._taken_over:
-            self.registry.discard(session)
+        if not self._taken_over:
+            if session.clean:
+                registry.discard(session)
+            else:
+                registry.disconnected(session)
         log.debug("client %r disconnected (%s)", client_id, "clean" if self._clean_disconnect else exc or "closed")
 
     def pause_writing(self) -> None:
@@ -213,7 +224,7 @@ class MQTTConnection(asyncio.Protocol):
         self._paused = False
         if self.session is not None and self.session.queue:
             self.session.pump()
-            self._flush()
+            self._output.flush()
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
@@ -221,70 +232,91 @@ class MQTTConnection(asyncio.Protocol):
             packets = self.decoder.packets(data)
         except MQTTProtocolError as exc:
             # Act on what arrived intact first (e.g. a PUBLISH before the garbage).
-            self._dispatch(list(exc.decoded))
+            self.publisher.feed(list(exc.decoded))
             self._protocol_error(str(exc), exc.connack_code)
             return
         if packets:
-            self._dispatch(packets)
+            self.publisher.feed(packets)
 
-    def _dispatch(self, packets: list[object]) -> None:
-        if self._backlog is None and not self._hold.held:
-            self._reading = True
-            try:
-                self._process(packets)
-            finally:
-                self._reading = False
-            self._flush()
-            return
-        self._enqueue(packets)
-        self._flush()
+    # -- the inbound flow (FlowHandler) ---------------------------------------------------------
 
-    def _enqueue(self, packets: list[object]) -> None:
-        """Queue packets behind one that waits, starting the worker if needed."""
-        backlog = self._backlog
-        if backlog is None:
-            backlog = self._backlog = deque()
-            self._worker = self.loop.create_task(self._work_backlog())
-        session = self.session
-        for packet in packets:
-            kind = type(packet)
+    def event_kind(self, packet: object) -> int:
+        kind = type(packet)
+        if kind is Publish:
+            return PUBLISH
+        if self.session is not None:
             # Acknowledgements and pings never wait behind held PUBLISHes: they are
             # what drains the queues that hold them (no deadlock between two clients).
-            if session is not None and (kind is Puback or kind is Pubrec or kind is Pubcomp or kind is Pingreq):
-                self._handle_sync(packet)
-            else:
-                backlog.append(packet)
-        if len(backlog) > MAX_BACKLOG:
-            self._pauses.pause("backlog")
+            if kind is Puback or kind is Pubrec or kind is Pubcomp or kind is Pingreq:
+                return BYPASS
+            if kind is Pubrel:
+                return SEQUENCED
+        return ORDERED
 
-    # -- backpressure from congested subscribers ------------------------------------------------
+    def handle(self, packet: object) -> Awaitable[None] | None:
+        kind = type(packet)
+        session = self.session
+        if kind is Publish:
+            if session is None:
+                self._protocol_error("expected CONNECT, got Publish")
+                return None
+            return self._publish(packet)  # type: ignore[arg-type]
+        if session is None:
+            if kind is Connect and self.connect is None:
+                return self._handle_connect(packet)  # type: ignore[arg-type]
+            self._protocol_error(f"expected CONNECT, got {kind.__name__}")
+            return None
+        if kind is Puback:
+            session.puback(packet.packet_id)  # type: ignore[attr-defined]
+        elif kind is Pubrel:
+            session.incoming_qos2.discard(packet.packet_id)  # type: ignore[attr-defined]
+            self._ack(encode_pubcomp(packet.packet_id), False)  # type: ignore[attr-defined]
+        elif kind is Pubrec:
+            if session.pubrec(packet.packet_id):  # type: ignore[attr-defined]
+                self._output.write(encode_pubrel(packet.packet_id))  # type: ignore[attr-defined]
+        elif kind is Pubcomp:
+            session.pubcomp(packet.packet_id)  # type: ignore[attr-defined]
+        elif kind is Pingreq:
+            self._output.write(PINGRESP_BYTES)
+        elif kind is Subscribe:
+            return self._handle_subscribe(packet)  # type: ignore[arg-type]
+        elif kind is Unsubscribe:
+            for topic_filter in packet.topics:  # type: ignore[attr-defined]
+                session.unsubscribe(self._router, topic_filter)
+            self._output.write(encode_unsuback(packet.packet_id))  # type: ignore[attr-defined]
+        elif kind is Disconnect:
+            self._clean_disconnect = True
+            self.will = None
+            self.close("client disconnected")
+        elif kind is Connect:
+            self._protocol_error("second CONNECT on one connection (MQTT-3.1.0-2)")
+        else:
+            self._protocol_error(f"unexpected {kind.__name__} from a client")
+        return None
 
-    def throttle(self, blocker: Blocker) -> None:
-        self._hold.add(blocker)
+    def flow_error(self, packet: object, exc: Exception) -> None:
+        log.error("MQTT connection from %s failed on %s", self.peer, type(packet).__name__, exc_info=exc)
+        self.close("internal error")
 
-    def unthrottle(self, blocker: Blocker) -> None:
-        self._hold.remove(blocker)
+    def publisher_name(self) -> str:
+        return repr(self.session.client_id if self.session is not None else self.peer)
+
+    def drain(self) -> None:
+        """The gateway stops: publishes from now on wait (unacknowledged); acknowledgements still flow."""
+        self.publisher.hold(DRAINING)
+
+    def drained(self) -> bool:
+        return self.session is None or self.session.drained()
 
     # -- output --------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._reading and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._received or self._sent:
-            self._count_messages()
-        out = self._out
-        if not out:
-            return
-        self._out = []
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+    def _ack(self, data: bytes, stored: bool) -> None:
+        """An acknowledgement of a client's packet, in order behind those waiting for the store."""
+        acks = self._acks
+        if stored or acks.waiting:
+            acks.ack(data, stored)
+        else:
+            self._output.write(data)
 
     def _count_messages(self) -> None:
         """Add the messages received and sent since the last call to the gateway's metrics."""
@@ -314,18 +346,18 @@ class MQTTConnection(asyncio.Protocol):
             shared.size = size
             shared.variant = variant
             shared.head = head
-        if not self._reading and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-        out = self._out
-        out.append(head)
+        output = self._output
+        if not output.reading and not output.scheduled:
+            output.schedule()
+        buf = self._buf
+        buf.append(head)
         if packet_id is not None:
-            out.append(encode_packet_id(packet_id))
-        out.append(payload)
+            buf.append(encode_packet_id(packet_id))
+        buf.append(payload)
         self._sent += 1
 
     def send_pubrel(self, packet_id: int) -> None:
-        self._write(encode_pubrel(packet_id))
+        self._output.write(encode_pubrel(packet_id))
 
     # -- closing --------------------------------------------------------------------------------
 
@@ -334,14 +366,14 @@ class MQTTConnection(asyncio.Protocol):
         if self._closing or self.transport is None:
             return
         self._closing = True
-        self._flush()
+        self._output.flush()
         self.transport.close()
 
     def _protocol_error(self, message: str, connack_code: int | None = None) -> None:
         log.info("closing MQTT connection from %s: %s", self.peer, message,
                  extra={"event": "protocol_error", "peer": self.peer})
         if connack_code is not None and self.connect is None:
-            self._write(encode_connack(False, connack_code))
+            self._output.write(encode_connack(False, connack_code))
         self.close(message)
 
     def _connect_timeout(self) -> None:
@@ -357,109 +389,6 @@ class MQTTConnection(asyncio.Protocol):
             return
         self._keepalive_handle = self.loop.call_later(interval - idle, self._keepalive_check, interval)
 
-    # -- packet processing ------------------------------------------------------------------------
-
-    def _process(self, packets: list[object]) -> None:
-        """Handle packets synchronously until one needs an awaited answer."""
-        # Only the backlog worker sets the session (at CONNECT, which always waits),
-        # so it cannot change during this loop.
-        session = self.session
-        bucket = self._bucket
-        hold = self._hold
-        for index, packet in enumerate(packets):
-            if self._closing:
-                return
-            kind = type(packet)
-            if session is not None:
-                if kind is Publish:
-                    if bucket is None or bucket.take() <= 0:
-                        if self._publish_now(packet):  # type: ignore[arg-type]
-                            if hold.held:
-                                # A subscriber is congested: the rest waits, in order.
-                                self._enqueue(packets[index + 1:])
-                                return
-                            continue
-                        self._prepaid = packet
-                    # Needs an await (decision or rate-limit token): the rest waits in order.
-                    self._enqueue(packets[index:])
-                    return
-                if kind is Puback:
-                    session.puback(packet.packet_id)  # type: ignore[attr-defined]
-                    continue
-            if self._handle_sync(packet):
-                continue
-            # Needs an await: the rest waits in order behind it.
-            self._enqueue(packets[index:])
-            return
-
-    def _handle_sync(self, packet: object) -> bool:
-        """Packets that never need an await. False: hand it to the backlog worker."""
-        session = self.session
-        kind = type(packet)
-        if session is None:
-            if kind is Connect:
-                return False
-            self._protocol_error(f"expected CONNECT, got {kind.__name__}")
-            return True
-        if kind is Pubrel:
-            session.incoming_qos2.discard(packet.packet_id)  # type: ignore[attr-defined]
-            self._write(encode_pubcomp(packet.packet_id))  # type: ignore[attr-defined]
-        elif kind is Pubrec:
-            if session.pubrec(packet.packet_id):  # type: ignore[attr-defined]
-                self._write(encode_pubrel(packet.packet_id))  # type: ignore[attr-defined]
-        elif kind is Pubcomp:
-            session.pubcomp(packet.packet_id)  # type: ignore[attr-defined]
-        elif kind is Puback:
-            session.puback(packet.packet_id)  # type: ignore[attr-defined]
-        elif kind is Pingreq:
-            self._write(PINGRESP_BYTES)
-        elif kind is Unsubscribe:
-            for topic_filter in packet.topics:  # type: ignore[attr-defined]
-                self.ctx.router.unsubscribe(session, topic_filter)
-            self._write(encode_unsuback(packet.packet_id))  # type: ignore[attr-defined]
-        elif kind is Disconnect:
-            self._clean_disconnect = True
-            self.will = None
-            self.close("client disconnected")
-        elif kind is Connect:
-            self._protocol_error("second CONNECT on one connection (MQTT-3.1.0-2)")
-        elif kind is Subscribe or kind is Publish:
-            return False
-        else:
-            self._protocol_error(f"unexpected {kind.__name__} from a client")
-        return True
-
-    async def _work_backlog(self) -> None:
-        backlog = self._backlog
-        assert backlog is not None
-        try:
-            while backlog and not self._closing:
-                packet = backlog.popleft()
-                kind = type(packet)
-                if kind is Connect and self.connect is None:
-                    await self._handle_connect(packet)  # type: ignore[arg-type]
-                elif self.session is None:
-                    self._protocol_error(f"expected CONNECT, got {kind.__name__}")
-                elif kind is Publish:
-                    if self._hold:
-                        await self._hold.wait(self, repr(self.session.client_id if self.session else self.peer))
-                    if packet is not self._prepaid:
-                        await self._pauses.wait_for_token(self._bucket)
-                    self._prepaid = None
-                    if not self._publish_now(packet):  # type: ignore[arg-type]
-                        await self._publish_awaited(packet)  # type: ignore[arg-type]
-                elif kind is Subscribe:
-                    await self._handle_subscribe(packet)  # type: ignore[arg-type]
-                else:
-                    self._handle_sync(packet)
-                if len(self._out) > 64:
-                    self._flush()
-            self._flush()
-        finally:
-            self._backlog = None
-            self._worker = None
-            self._pauses.resume("backlog")
-
     # -- CONNECT ----------------------------------------------------------------------------------
 
     async def _handle_connect(self, connect: Connect) -> None:
@@ -472,7 +401,7 @@ class MQTTConnection(asyncio.Protocol):
         if not client_id:
             if not connect.clean_session:
                 # MQTT-3.1.3-8: a zero-length id needs a clean session.
-                self._write(encode_connack(False, CONNACK_IDENTIFIER_REJECTED))
+                self._output.write(encode_connack(False, CONNACK_IDENTIFIER_REJECTED))
                 self.close("zero-length client id without clean session")
                 return
             client_id = f"auto-{uuid.uuid4().hex}"
@@ -498,7 +427,7 @@ class MQTTConnection(asyncio.Protocol):
             return
         code = _connack_code(decision, connect)
         if code != CONNACK_ACCEPTED or decision.identity is None:
-            self._write(encode_connack(False, code or CONNACK_NOT_AUTHORIZED))
+            self._output.write(encode_connack(False, code or CONNACK_NOT_AUTHORIZED))
             self.close(f"CONNECT refused ({code})")
             return
         identity = decision.identity
@@ -521,23 +450,14 @@ class MQTTConnection(asyncio.Protocol):
             registry.discard(session)
             session = None
         if session is None:
-            session = Session(
-                client_id,
-                clean=connect.clean_session,
-                identity=identity,
-                max_inflight=ctx.config.limits.max_inflight_messages,
-                max_queued=ctx.config.limits.max_queued_messages,
-                metrics=ctx.metrics,
-                flow=registry,
-            )
-            registry.sessions[client_id] = session
+            session = registry.create(client_id, clean=connect.clean_session, identity=identity)
         else:
             session_present = True
-            session.clean = connect.clean_session
+            registry.connected(session)
         self.session = session
         self.auth = ctx.dispatcher.session(event, identity)
         self.will = will
-        self._write(encode_connack(session_present, CONNACK_ACCEPTED))
+        self._output.write(encode_connack(session_present, CONNACK_ACCEPTED))
         session.attach(self)
         if connect.keepalive:
             interval = connect.keepalive * 1.5
@@ -546,14 +466,14 @@ class MQTTConnection(asyncio.Protocol):
 
     # -- PUBLISH ----------------------------------------------------------------------------------
 
-    def _publish_now(self, packet: Publish) -> bool:
-        """The hot path. False when the decision must be awaited."""
+    def _publish(self, packet: Publish) -> Awaitable[None] | None:
+        """The hot path. An awaitable when the decision must be awaited."""
         session = self.session
         assert session is not None and self.auth is not None
         if packet.qos == 2 and packet.packet_id in session.incoming_qos2:
             # A retransmission of a QoS 2 message already routed: acknowledge only.
-            self._write(encode_pubrec(packet.packet_id))  # type: ignore[arg-type]
-            return True
+            self._ack(encode_pubrec(packet.packet_id), False)  # type: ignore[arg-type]
+            return None
         topic = packet.topic
         # The codec already refuses wildcards and NUL; an empty or overlong name is
         # ours to refuse. A name can only be overlong in UTF-8 bytes when it has more
@@ -563,12 +483,12 @@ class MQTTConnection(asyncio.Protocol):
                 validate_topic_name(topic, self._max_topic)
             except InvalidTopic as exc:
                 self._protocol_error(f"invalid topic in PUBLISH: {exc}")
-                return True
+                return None
         decision = self.auth.publish_now(topic)
         if decision is None:
-            return False
+            return self._publish_awaited(packet)
         self._act_on_publish(packet, decision)
-        return True
+        return None
 
     async def _publish_awaited(self, packet: Publish) -> None:
         assert self.auth is not None
@@ -580,6 +500,7 @@ class MQTTConnection(asyncio.Protocol):
         qos = packet.qos
         self._received += 1
         outcome = decision.outcome
+        status = 0
         if outcome is _ALLOW:
             payload = packet.payload
             if len(payload) > self._max_payload:
@@ -587,13 +508,12 @@ class MQTTConnection(asyncio.Protocol):
                 log.warning("dropped PUBLISH from %r: payload of %d bytes exceeds limits.max_message_size",
                             self.session.client_id if self.session else "", len(payload))
             else:
-                registry = self.registry
-                registry.current_publisher = self
-                try:
-                    # A Publish is a Message: routed as it is, no copy of its fields.
-                    self._router.publish(packet)
-                finally:
-                    registry.current_publisher = None
+                publisher = self.publisher
+                # MQTT 3.1.1 cannot tell a QoS 1/2 publisher "refused": a full
+                # reject_new queue holds it back instead of losing what is acknowledged.
+                publisher.refusable = qos == 0
+                # A Publish is a Message: routed as it is, no copy of its fields.
+                status = self._router.publish(packet, publisher)
         elif outcome is Outcome.UNAVAILABLE:
             self.ctx.metrics.dropped(Protocol.MQTT, "auth_unavailable")
             if qos:
@@ -607,10 +527,10 @@ class MQTTConnection(asyncio.Protocol):
                 self.close("publish denied")
                 return
         if qos == 1:
-            self._write(encode_puback(packet.packet_id))  # type: ignore[arg-type]
+            self._ack(encode_puback(packet.packet_id), bool(status & STORED))  # type: ignore[arg-type]
         elif qos == 2:
             self.session.incoming_qos2.add(packet.packet_id)  # type: ignore[union-attr,arg-type]
-            self._write(encode_pubrec(packet.packet_id))  # type: ignore[arg-type]
+            self._ack(encode_pubrec(packet.packet_id), bool(status & STORED))  # type: ignore[arg-type]
 
     async def _publish_will(self, will: Message) -> None:
         auth = self.auth
@@ -647,12 +567,12 @@ class MQTTConnection(asyncio.Protocol):
                 continue
             granted = min(requested_qos, 2)
             codes.append(granted)
-            for message in router.subscribe(session, topic_filter, granted):
+            for message in session.subscribe(router, topic_filter, granted, decision.exclusions):
                 retained.append((message, min(message.qos, granted)))
-        self._write(encode_suback(packet.packet_id, codes))
+        self._output.write(encode_suback(packet.packet_id, codes))
         # Retained messages follow the SUBACK (MQTT-3.8.4-4 ordering as Mosquitto does).
         for message, qos in retained:
-            session.deliver(message, qos, True)
+            session.deliver(message, qos, True, NO_PUBLISHER)
 
 
 class MQTTFrontend(TCPListener):
@@ -662,8 +582,26 @@ class MQTTFrontend(TCPListener):
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
         super().__init__(ctx, listener)
-        self.registry: SessionRegistry = ctx.state.shared("mqtt.sessions", lambda: SessionRegistry(ctx.router))
+        self.registry = session_registry(ctx)
+
+    @staticmethod
+    def prepare(ctx: FrontendContext, snapshot: Snapshot) -> None:
+        """Before any listener opens: the persistent sessions the store kept."""
+        session_registry(ctx).restore(snapshot.queues_of(KEY_PREFIX))
 
     def connection_factory(self) -> Callable[[], MQTTConnection]:
         ctx, listener, registry = self.ctx, self.listener, self.registry
         return lambda: MQTTConnection(ctx, listener, registry)
+
+
+def session_registry(ctx: FrontendContext) -> SessionRegistry:
+    """The gateway's one registry of MQTT sessions, shared by the TCP and WebSocket listeners."""
+    config = ctx.config
+    return ctx.state.shared("mqtt.sessions", lambda: SessionRegistry(
+        ctx.router,
+        store=ctx.store,
+        limits=limits_for(config.limits, Protocol.MQTT),
+        metrics=ctx.metrics,
+        max_inflight=config.limits.max_inflight_messages,
+        session_expiry=config.mqtt.session_expiry,
+    ))

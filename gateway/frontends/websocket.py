@@ -28,7 +28,7 @@ from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.events import Protocol
 from gateway.frontends.aiohttp_listener import AiohttpListener
-from gateway.frontends.mqtt import MQTTConnection
+from gateway.frontends.mqtt import MQTTConnection, session_registry
 from gateway.frontends.peers import peer_address
 from gateway.mqtt.session import SessionRegistry
 
@@ -315,7 +315,7 @@ class WebSocketFrontend:
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
         self._ctx = ctx
         self._listener = listener
-        self._registry: SessionRegistry = ctx.state.shared("mqtt.sessions", lambda: SessionRegistry(ctx.router))
+        self._registry: SessionRegistry = session_registry(ctx)
         self._path = listener.path or DEFAULT_PATH
         limits = ctx.config.limits
         # The largest packet the MQTT decoder accepts, plus what may share its frame.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.errors import ProtocolError
-from gateway.router import Message
+from gateway.message import Message
 
 #: Fixed-header packet types (the high nibble of the first byte).
 CONNECT = 1

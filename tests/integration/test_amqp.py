@@ -219,6 +219,27 @@ def test_denied_attaches_are_refused_as_unauthorized(acl_gw: GatewayThread) -> N
     assert (message.address, message.body) == ("alice/inbox", b"mine")
 
 
+def test_a_receiver_gets_nothing_a_deny_entry_covers(
+    start_gateway: Callable[..., GatewayThread], db_path: str
+) -> None:
+    from auth_providers.local_store import LocalStore
+
+    store = LocalStore(db_path)
+    store.add_user("alice", Secret("alice-pw"))
+    store.grant("alice", "alice/#", {"publish", "subscribe"})
+    store.grant("alice", "alice/secret/#", {"subscribe"}, deny=True)
+    store.close()
+    gw = start_gateway(server=AMQP)
+    with amqp_client(gw, "alice", "alice-pw") as client:
+        # Granted, narrowed by the deny entry (the subscription's exclusions).
+        receiver = client.create_receiver("alice/#", credit=5)
+        sender = client.create_sender(None)
+        sender.send(Message(address="alice/secret/x", body=b"hidden"))
+        sender.send(Message(address="alice/open", body=b"seen"))
+        message = take(receiver)
+    assert (message.address, message.body) == ("alice/open", b"seen")
+
+
 def test_anonymous_sender_is_authorized_per_message(acl_gw: GatewayThread, root_password: str) -> None:
     subscriber = mqtt(acl_gw, root_password, "root-watch")
     try:

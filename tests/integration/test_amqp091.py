@@ -518,15 +518,21 @@ def test_large_bodies_cross_frame_max_both_ways(connect: Callable[..., pika.Bloc
     assert channel.basic_get(queue, auto_ack=True)[2] == body
 
 
-def test_full_queue_drops_and_counts(start_gateway: Callable[..., GatewayThread], root_password: str) -> None:
+def test_full_queue_refuses_with_nack_and_counts(start_gateway: Callable[..., GatewayThread], root_password: str) -> None:
+    """reject_new (the AMQP 0.9.1 default): what does not fit is refused to the publisher, never confirmed."""
     gw = start_gateway(server=AMQP091, limits={"max_queued_messages": 10})
     conn = pika.BlockingConnection(_params(gw, ROOT_USER, root_password))
     try:
         channel = conn.channel()
         queue = channel.queue_declare("", exclusive=True).method.queue
         channel.confirm_delivery()
+        nacked = 0
         for index in range(15):
-            channel.basic_publish("", queue, str(index).encode())
+            try:
+                channel.basic_publish("", queue, str(index).encode())
+            except pika.exceptions.NackError:
+                nacked += 1
+        assert nacked == 5
         assert channel.queue_declare(queue, passive=True).method.message_count == 10
         dropped = gw.call(lambda: gw.gateway.metrics.messages_dropped[(Protocol.AMQP091, "queue_full")])  # type: ignore[union-attr]
         assert dropped == 5
@@ -669,9 +675,9 @@ def test_max_connections_refuses_the_extra_client(start_gateway: Callable[..., G
         first.close()
 
 
-def test_congested_queue_holds_the_publisher_instead_of_dropping(start_gateway: Callable[..., GatewayThread],
-                                                                 root_password: str) -> None:
-    gw = start_gateway(server=AMQP091, limits={"max_queued_messages": 100})
+def test_full_queue_under_block_holds_the_publisher_instead_of_dropping(start_gateway: Callable[..., GatewayThread],
+                                                                        root_password: str) -> None:
+    gw = start_gateway(server=AMQP091, limits={"max_queued_messages": 100, "queue_overflow": {"amqp091": "block"}})
     consumer = pika.BlockingConnection(_params(gw, ROOT_USER, root_password))
     publisher = pika.BlockingConnection(_params(gw, ROOT_USER, root_password))
     try:
@@ -687,10 +693,10 @@ def test_congested_queue_holds_the_publisher_instead_of_dropping(start_gateway: 
         publisher.process_data_events(time_limit=0.2)
 
         deadline = time.monotonic() + 5
-        while gw.call(lambda: len(_queue(gw, "slow").ready)) < 50 and time.monotonic() < deadline:
+        while gw.call(lambda: len(_queue(gw, "slow").ready)) < 100 and time.monotonic() < deadline:
             time.sleep(0.02)
-        # Held at the high-water mark (half of max_queued_messages), nothing dropped.
-        assert 50 <= gw.call(lambda: len(_queue(gw, "slow").ready)) < 100
+        # Held once the queue is full (at most the one message that found it full over), nothing dropped.
+        assert 100 <= gw.call(lambda: len(_queue(gw, "slow").ready)) <= 101
         deadline = time.monotonic() + 10
         while len(got) < total and time.monotonic() < deadline:
             consumer.process_data_events(time_limit=0.05)

@@ -648,6 +648,37 @@ async def test_acl_user_denied_publish_and_observe_are_4_03(
     assert both.code == codes.BAD_REQUEST
 
 
+async def test_observing_a_partly_denied_filter_skips_the_denied_topics(
+    start_gateway: StartGateway, db_path: str, root_password: str, root: dict[str, str], client: aiocoap.Context
+) -> None:
+    store = LocalStore(db_path)
+    store.add_user("alice", Secret("wonderland"))
+    store.grant("alice", "alice/#", {"publish", "subscribe"})
+    store.grant("alice", "alice/secret/#", {"subscribe"}, deny=True)
+    store.close()
+    gw = start_gateway(server=COAP)
+    port = gw.port("coap")
+    alice = {"username": "alice", "password": "wonderland"}
+    for topic, payload in (("alice/secret/kept", b"hidden"), ("alice/kept", b"shown")):
+        response = await request(client, POST, coap_uri(port, topic, **root, qos=1, retain=1), payload)
+        assert response.code == codes.CHANGED
+    observer = await observe(client, coap_uri(port, "alice/#", **alice), blockwise=False)
+    # The retained replay leaves out the denied topic too.
+    note = await observer.next()
+    assert (note.payload, note.opt.location_path) == (b"shown", ("alice", "kept"))
+    pub = paho(gw, root_password, "pub")
+    try:
+        pub.publish("alice/secret/key", b"hidden", qos=1)
+        pub.publish("alice/temp", b"21.5", qos=1)
+        note = await observer.next()
+        assert (note.payload, note.opt.location_path) == (b"21.5", ("alice", "temp"))
+        assert observer.notifications.empty()
+    finally:
+        pub.disconnect()
+    denied = await request(client, GET, coap_uri(port, "alice/secret/kept", **alice))
+    assert denied.code == codes.FORBIDDEN
+
+
 async def test_auth_service_unavailable_is_5_03_with_max_age(
     start_gateway: StartGateway, root: dict[str, str], client: aiocoap.Context
 ) -> None:

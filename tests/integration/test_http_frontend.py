@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
@@ -38,8 +38,11 @@ from gateway.events import Action, AuthEvent, Decision, Identity, Protocol, Secr
 from gateway.frontends.http import HTTPFrontend, encode_event
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimits
-from gateway.router import Message, Router
+from gateway.queues import STORED, MessageQueue, QueueLimits
+from gateway.router import ROUTED, Message, Router
 from gateway.state import GatewayState
+from gateway.store.base import Store
+from gateway.store.memory import MemoryStore
 from gateway.topics import filter_covers
 
 DEADLINE = 5.0
@@ -61,6 +64,8 @@ class TestProvider:
     def __init__(self) -> None:
         self.unavailable = False
         self.events: list[AuthEvent] = []
+        #: filter -> the exclusions a granted subscribe of it carries.
+        self.exclusions: dict[str, tuple[str, ...]] = {}
 
     async def start(self) -> None:
         return None
@@ -85,7 +90,8 @@ class TestProvider:
         if self.unavailable:
             return Decision.unavailable("test service down")
         if filter_covers(f"{identity.external_id}/#", event.topic):
-            return Decision.allow(identity)
+            exclusions = self.exclusions.get(event.topic, ()) if event.action is Action.SUBSCRIBE else ()
+            return Decision.allow(identity, exclusions=exclusions)
         return Decision.deny("not your topic")
 
 
@@ -94,9 +100,10 @@ class Recorder:
         self.messages: list[Message] = []
         self.arrived = asyncio.Event()
 
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: object) -> int:
         self.messages.append(message)
         self.arrived.set()
+        return 0
 
 
 @dataclass
@@ -138,6 +145,7 @@ async def make_harness() -> AsyncIterator[Factory]:
             tls: dict[str, Any] | None = None,
             ssl_client: ssl.SSLContext | None = None,
             configured_provider: bool = False,
+            store: Store | None = None,
         ) -> Harness:
             config = GatewayConfig(
                 limits=limits or LimitsConfig(),
@@ -156,7 +164,8 @@ async def make_harness() -> AsyncIterator[Factory]:
             clock = [0.0]
             ratelimits = RateLimits(config.ratelimit, clock=lambda: clock[0])
             ctx = FrontendContext(
-                config=config, dispatcher=dispatcher, router=router, metrics=metrics, state=state, ratelimits=ratelimits
+                config=config, dispatcher=dispatcher, router=router, metrics=metrics, state=state, ratelimits=ratelimits,
+                store=store or MemoryStore(),
             )
             listener = ListenerConfig(
                 name="server.http.plain", addr="127.0.0.1:0", host="127.0.0.1", port=0,
@@ -489,7 +498,7 @@ async def test_an_unexpected_error_is_a_logged_500(
 ) -> None:
     h = await make_harness()
 
-    def broken(message: Message) -> int:
+    def broken(message: Message, publisher: object = None) -> int:
         raise RuntimeError("router exploded")
 
     monkeypatch.setattr(h.router, "publish", broken)
@@ -510,6 +519,159 @@ async def test_secrets_never_reach_the_logs(make_harness: Factory, caplog: pytes
             async with h.session.post(f"{h.url}/alice/x", data=b"1", headers=headers) as resp:
                 assert resp.status in (202, 401)
     assert "wonderland" not in caplog.text and "s3cr3t-guess" not in caplog.text
+
+
+# -- what a publisher sees: the flow contract ----------------------------------------------------------
+
+
+class Holder:
+    """A subscriber whose queue holds every publisher it gets (as a full `block` queue does)."""
+
+    def __init__(self) -> None:
+        self.held: list[Any] = []
+        self.forgotten: list[Any] = []
+
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Any) -> int:
+        self.held.append(publisher)
+        publisher.hold(self)
+        return 0
+
+    def forget_publisher(self, publisher: Any) -> None:
+        self.forgotten.append(publisher)
+
+    def release_all(self) -> None:
+        for publisher in self.held:
+            publisher.release(self)
+
+
+class StoringSubscriber:
+    """A durable subscriber: every delivery is a store write the publisher's answer must wait for."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Any) -> int:
+        self.messages.append(message)
+        return STORED
+
+
+class ManualStore(MemoryStore):
+    """Batches commit only when the test says so; `token` is the open batch."""
+
+    durable = True
+    acks_wait = True
+
+    def __init__(self) -> None:
+        self.open_batch = 1
+        self.waiting: list[tuple[int, Callable[[], None]]] = []
+
+    @property
+    def token(self) -> int:
+        return self.open_batch
+
+    def when_committed(self, token: int, callback: Callable[[], None]) -> None:
+        if token < self.open_batch:
+            callback()
+        else:
+            self.waiting.append((token, callback))
+
+    def commit(self) -> None:
+        committed, self.open_batch = self.open_batch, self.open_batch + 1
+        due = [callback for token, callback in self.waiting if token <= committed]
+        self.waiting = [(token, callback) for token, callback in self.waiting if token > committed]
+        for callback in due:
+            callback()
+
+
+async def test_a_full_reject_new_queue_makes_the_publish_503(make_harness: Factory) -> None:
+    h = await make_harness()
+    queue = MessageQueue(name="amqp-like", protocol=Protocol.AMQP091, limits=QueueLimits(1, 1 << 20, "reject_new"),
+                         budget=h.router.budget, metrics=h.metrics)
+
+    class Subscriber:
+        def deliver(self, message: Message, qos: int, retain: bool, publisher: Any) -> int:
+            return queue.put(message, 0, publisher)
+
+    h.router.subscribe(Subscriber(), "alice/#", 1)
+    async with h.session.post(f"{h.url}/alice/x", data=b"1", headers=ALICE) as resp:
+        assert resp.status == 202
+    for form in ({"url": f"{h.url}/alice/x", "data": b"2"}, {"url": f"{h.url}/publish", "json": {"topic": "alice/x"}}):
+        async with h.session.post(**form, headers=ALICE) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "1"
+            assert "subscriber queue is full" in (await resp.json())["error"]
+    assert [entry[0].payload for entry in queue.entries] == [b"1"]
+    assert h.metrics.messages_refused[Protocol.HTTP] == 2
+    assert h.metrics.overflows[(Protocol.AMQP091, "reject_new")] == 2
+
+
+async def test_a_held_publish_is_answered_once_released(make_harness: Factory) -> None:
+    h = await make_harness()
+    holder = Holder()
+    h.router.subscribe(holder, "alice/#", 1)
+
+    async def post() -> int:
+        async with h.session.post(f"{h.url}/alice/x", data=b"1", headers=ALICE) as resp:
+            return resp.status
+
+    answer = asyncio.create_task(post())
+    await wait_for(lambda: len(holder.held) == 1, "the publish to be held")
+    # Routed and held: the 202 waits for the holder (and cannot have been sent before it releases).
+    assert not answer.done()
+    holder.release_all()
+    async with asyncio.timeout(DEADLINE):
+        assert await answer == 202
+    # Answered: nothing keeps the request's publisher any more.
+    assert holder.forgotten == []
+
+
+async def test_a_client_that_gives_up_while_held_is_forgotten(make_harness: Factory) -> None:
+    h = await make_harness()
+    holder = Holder()
+    h.router.subscribe(holder, "alice/#", 1)
+    answer = asyncio.create_task(h.session.post(f"{h.url}/alice/x", data=b"1", headers=ALICE))
+    await wait_for(lambda: len(holder.held) == 1, "the publish to be held")
+    answer.cancel()  # the client closes the connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await answer
+    await wait_for(lambda: holder.forgotten == holder.held, "the holder to forget the publisher")
+
+
+async def test_a_stored_publish_is_answered_after_the_commit(make_harness: Factory) -> None:
+    store = ManualStore()
+    h = await make_harness(store=store)
+    durable = StoringSubscriber()
+    h.router.subscribe(durable, "alice/#", 1)
+
+    async def post() -> int:
+        async with h.session.post(f"{h.url}/alice/x?qos=1", data=b"1", headers=ALICE) as resp:
+            return resp.status
+
+    answer = asyncio.create_task(post())
+    await wait_for(lambda: bool(store.waiting), "the answer to wait for the store")
+    assert [token for token, _ in store.waiting] == [1]
+    assert not answer.done() and len(durable.messages) == 1
+    store.commit()
+    async with asyncio.timeout(DEADLINE):
+        assert await answer == 202
+    # A publish no durable queue wrote is answered without waiting for the store.
+    h.router.unsubscribe_all(durable)
+    async with h.session.post(f"{h.url}/alice/x?qos=1", data=b"2", headers=ALICE) as resp:
+        assert resp.status == 202
+    assert store.waiting == []
+
+
+async def test_publishing_while_the_gateway_stops_is_503(make_harness: Factory) -> None:
+    h = await make_harness()
+    recorder = h.recorder()
+    h.state.shutting_down = True
+    for form in ({"url": f"{h.url}/alice/x", "data": b"1"}, {"url": f"{h.url}/publish", "json": {"topic": "alice/x"}}):
+        async with h.session.post(**form, headers=ALICE) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "1"
+            assert "shutting down" in (await resp.json())["error"]
+    assert recorder.messages == []
+    assert h.metrics.messages_in[Protocol.HTTP] == 0
 
 
 # -- server-sent events -----------------------------------------------------------------------------
@@ -536,6 +698,38 @@ async def test_stream_sends_retained_first_then_live_messages(make_harness: Fact
         assert h.metrics.messages_out[Protocol.HTTP] == 3
         assert h.metrics.connections_open[Protocol.HTTP] == 1
         assert h.state.count("server.http.plain") == 1
+
+
+async def test_a_stream_never_gets_what_its_decision_excludes(make_harness: Factory) -> None:
+    h = await make_harness()
+    h.provider.exclusions["alice/#"] = ("alice/secret/#",)
+    h.router.publish(Message("alice/secret/old", b"hidden", 0, True))
+    h.router.publish(Message("alice/open", b"seen", 0, True))
+    async with h.session.get(f"{h.url}/subscribe", params={"topic": "alice/#"}, headers=ALICE) as resp:
+        assert resp.status == 200
+        assert await next_event(resp) == {"topic": "alice/open", "payload": b64(b"seen")}
+        for topic in ("alice/secret/new", "alice/z"):
+            async with h.session.post(f"{h.url}/{topic}", data=topic.encode(), headers=ALICE) as post:
+                assert post.status == 202
+        assert await next_event(resp) == {"topic": "alice/z", "payload": b64(b"alice/z")}
+    assert h.metrics.messages_out[Protocol.HTTP] == 2
+
+
+async def test_a_stream_with_queued_events_is_not_drained(make_harness: Factory) -> None:
+    h = await make_harness()
+    async with h.session.get(f"{h.url}/subscribe", params={"topic": "alice/#"}, headers=ALICE) as resp:
+        assert resp.status == 200
+        (stream,) = h.frontend._streams
+        assert h.state.undrained() == []
+        # No await: the writer cannot run yet, so the events wait in the stream's queue.
+        for n in range(3):
+            h.router.publish(Message("alice/x", str(n).encode()))
+        assert h.state.undrained() == [stream]
+        assert h.router.budget.messages == 3
+        assert [await next_event(resp) for _ in range(3)] == [
+            {"topic": "alice/x", "payload": b64(str(n).encode())} for n in range(3)
+        ]
+        assert h.state.undrained() == [] and h.router.budget.messages == 0
 
 
 async def test_stream_cleanup_when_the_client_goes_away(make_harness: Factory) -> None:
@@ -576,19 +770,22 @@ async def test_shutdown_ends_streams(make_harness: Factory) -> None:
             pass
 
 
-async def test_a_full_queue_drops_counts_and_logs(make_harness: Factory, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_full_queue_drops_its_oldest_counts_and_logs(
+    make_harness: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
     h = await make_harness(limits=LimitsConfig(max_queued_messages=3))
     async with h.session.get(f"{h.url}/subscribe", params={"topic": "alice/#"}, headers=ALICE) as resp:
-        with caplog.at_level(logging.WARNING, logger="polygate.http"):
+        with caplog.at_level(logging.WARNING, logger="polygate.queues"):
             # No await between publishes: the stream's writer cannot run, so its queue fills.
-            for n in range(10):
-                h.router.publish(Message("alice/x", str(n).encode()))
+            # drop_oldest (the SSE default): the newest three are kept, the publisher is never told.
+            assert {h.router.publish(Message("alice/x", str(n).encode())) for n in range(10)} == {ROUTED}
         assert [await next_event(resp) for _ in range(3)] == [
-            {"topic": "alice/x", "payload": b64(str(n).encode())} for n in range(3)
+            {"topic": "alice/x", "payload": b64(str(n).encode())} for n in range(7, 10)
         ]
         assert h.metrics.messages_dropped[(Protocol.HTTP, "queue_full")] == 7
-        # The first drop is logged, the following ones are only counted.
-        assert len([r for r in caplog.records if "cannot keep up" in r.getMessage()]) == 1
+        assert h.metrics.overflows[(Protocol.HTTP, "drop_oldest")] == 7
+        # The first overflow is logged, the following ones are only counted.
+        assert len([r for r in caplog.records if "is full" in r.getMessage()]) == 1
         h.router.publish(Message("alice/x", b"later"))
         assert await next_event(resp) == {"topic": "alice/x", "payload": b64(b"later")}
 
@@ -681,6 +878,7 @@ async def test_any_valid_topic_round_trips_through_the_path_and_json(make_harnes
 
     @settings(max_examples=60, deadline=None, database=None)
     @given(topic=topic_names, payload=st.binary(max_size=64))
+    @example(topic="publish", payload=b"json form only")
     def collect(topic: str, payload: bytes) -> None:
         examples.append((topic, payload))
 
@@ -688,13 +886,17 @@ async def test_any_valid_topic_round_trips_through_the_path_and_json(make_harnes
     for topic, payload in examples:
         # Subscribed to the topic itself: `#` would not match a topic starting with `$`.
         recorder = h.recorder(topic)
-        url = URL(f"{h.url}/{_percent_encode(topic)}", encoded=True)
-        async with h.session.post(url, data=payload) as resp:
-            assert resp.status == 202, (topic, await resp.text())
+        # `POST /publish` is the JSON form: the topic "publish" is reachable only through it.
+        forms = 1
+        if topic != "publish":
+            forms = 2
+            url = URL(f"{h.url}/{_percent_encode(topic)}", encoded=True)
+            async with h.session.post(url, data=payload) as resp:
+                assert resp.status == 202, (topic, await resp.text())
         body = {"topic": topic, "payload": b64(payload), "retain": False}
         async with h.session.post(f"{h.url}/publish", json=body) as resp:
             assert resp.status == 202, (topic, await resp.text())
-        assert recorder.messages == [Message(topic, payload)] * 2
+        assert recorder.messages == [Message(topic, payload)] * forms
         h.router.unsubscribe_all(recorder)
 
 

@@ -509,10 +509,11 @@ def _read_until_closed(sock: socket.socket) -> bool:
         sock.close()
 
 
-def test_slow_subscriber_holds_publisher_back_instead_of_dropping(
+def test_slow_subscriber_under_block_policy_holds_publisher_back_instead_of_dropping(
     start_gateway: Any, tmp_path: Path, clients: Any, root_password: str
 ) -> None:
-    gw = start_gateway(loopback_config(tmp_path, limits={"max_queued_messages": 100, "max_inflight_messages": 10}))
+    gw = start_gateway(loopback_config(tmp_path, limits={
+        "max_queued_messages": 100, "max_inflight_messages": 10, "queue_overflow": {"mqtt": "block"}}))
     port = gw.mqtt_port
     slow = _RawClient(port)
     slow.send(_connect_bytes("slow", ROOT_USER, root_password))

@@ -435,11 +435,13 @@ async def test_shutdown_sends_going_away(start_gateway: Any, root_password: str)
         await raw.close()
 
 
-async def test_slow_websocket_subscriber_holds_publisher_back(
+async def test_slow_websocket_subscriber_under_block_holds_publisher_back(
     start_gateway: Any, tmp_path: Path, root_password: str
 ) -> None:
-    """A WebSocket that is not read fills the frame writer, which pauses the session (QoS 0 too)."""
-    config = loopback_config(tmp_path, server=WS_SERVER, limits={"max_queued_messages": 100})
+    """A WebSocket that is not read fills the frame writer, which pauses the session (QoS 0 too);
+    under the `block` policy its full queue then holds the publisher and nothing is lost."""
+    config = loopback_config(tmp_path, server=WS_SERVER,
+                             limits={"max_queued_messages": 100, "queue_overflow": {"mqtt": "block"}})
     gw = start_gateway(config)
     slow = await connected(gw.port("websocket"), root_password, "slow")
     # A small receive buffer; the gateway's socket may still buffer up to

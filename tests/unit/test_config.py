@@ -677,4 +677,85 @@ def test_any_document_parses_or_raises_config_error(data: dict[str, object]) -> 
 def test_safe_load_round_trip_of_the_example() -> None:
     # The example must stay loadable by plain yaml.safe_load (other tools read it).
     data = yaml.safe_load((CONFIGS / "polygate.yaml").read_text())
-    assert set(data) == {"server", "auth", "ratelimit", "limits"}
+    assert set(data) == {"server", "auth", "ratelimit", "limits", "storage", "mqtt"}
+
+
+# -- delivery: queues, the memory watermark, storage, sessions ---------------------------------------
+
+
+def test_delivery_defaults_are_the_documented_ones() -> None:
+    config = default_config()
+    limits = config.limits
+    assert limits.max_queued_messages == 100_000
+    assert limits.max_queued_bytes == 256_000_000
+    assert dict(limits.queue_overflow) == {
+        Protocol.MQTT: "drop_oldest", Protocol.AMQP091: "reject_new", Protocol.AMQP: "reject_new",
+        Protocol.HTTP: "drop_oldest", Protocol.COAP: "drop_oldest",
+    }
+    assert limits.memory_high_watermark == int(0.4 * config_module.total_memory())
+    assert (config.storage.backend, config.storage.path, config.storage.fsync) == ("sqlite", "./polygate-data", "batch")
+    assert config.mqtt.session_expiry == 7200.0
+
+
+def test_delivery_keys_parse_into_typed_values() -> None:
+    config = parse_config({
+        "limits": {"max_queued_bytes": "64MiB", "queue_overflow": {"mqtt": "block", "coap": "reject_new"},
+                   "memory_high_watermark": "2GB"},
+        "storage": {"backend": "memory", "path": "/var/lib/x", "fsync": "always"},
+        "mqtt": {"session_expiry": "30m"},
+    })
+    assert config.limits.max_queued_bytes == 64 * 1024 * 1024
+    assert config.limits.queue_overflow[Protocol.MQTT] == "block"
+    assert config.limits.queue_overflow[Protocol.COAP] == "reject_new"
+    assert config.limits.queue_overflow[Protocol.AMQP091] == "reject_new"  # the others keep their default
+    assert config.limits.memory_high_watermark == 2_000_000_000
+    assert (config.storage.backend, config.storage.fsync) == ("memory", "always")
+    assert config.mqtt.session_expiry == 1800.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.storage.fsync = "never"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value, expected", [(0.5, 0.5), (0, 0.0), (1, 1.0)])
+def test_memory_watermark_as_a_fraction_of_ram(value: float, expected: float) -> None:
+    config = parse_config({"limits": {"memory_high_watermark": value}})
+    assert config.limits.memory_high_watermark == int(expected * config_module.total_memory())
+
+
+def test_delivery_key_errors_name_the_key() -> None:
+    problems = problems_of({
+        "limits": {"max_queued_bytes": "lots", "queue_overflow": {"mqt": "block", "amqp": "sometimes"},
+                   "memory_high_watermark": 1.5},
+        "storage": {"backend": "postgres", "fsync": "maybe", "path": 3},
+        "mqtt": {"session_expiry": "0s", "keep": True},
+    })
+    expected = [
+        "limits.max_queued_bytes: invalid size 'lots'",
+        "limits.queue_overflow.mqt: unknown protocol (did you mean 'mqtt'?)",
+        "limits.queue_overflow.amqp: must be one of drop_oldest, reject_new, block (got 'sometimes')",
+        "limits.memory_high_watermark: a fraction of RAM must be between 0 and 1",
+        "storage.backend: must be one of sqlite, memory (got 'postgres')",
+        "storage.fsync: must be one of always, batch, never (got 'maybe')",
+        "storage.path: expected a string",
+        "mqtt.session_expiry: must be longer than 0s",
+        "mqtt.keep: unknown key",
+    ]
+    for start in expected:
+        assert any(problem.startswith(start) for problem in problems), (start, problems)
+
+
+def test_sqlite_storage_needs_a_path() -> None:
+    assert problems_of({"storage": {"path": ""}}) == (
+        "storage.path: required when storage.backend is sqlite (a directory)",)
+
+
+@given(st.integers(min_value=0, max_value=10**15), st.sampled_from(["", "B", "KB", "MB", "GB", "KiB", "MiB", "GiB"]))
+def test_parse_size_reads_every_unit(number: int, unit: str) -> None:
+    factors = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+    assert config_module.parse_size(f"{number}{unit}") == number * factors[unit]
+    assert config_module.parse_size(f"{number} {unit.lower()}") == number * factors[unit]
+
+
+@pytest.mark.parametrize("text", ["", "MB", "-1MB", "1.5.2MB", "10 parsecs", True, None, [1]])
+def test_parse_size_refuses_what_is_no_size(text: object) -> None:
+    with pytest.raises(ValueError):
+        config_module.parse_size(text)
