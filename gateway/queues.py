@@ -147,7 +147,7 @@ class MessageQueue:
     __slots__ = (
         "name", "protocol", "limits", "entries", "bytes", "paged", "durable", "key", "_store", "_budget",
         "_metrics", "_window", "_next_seq", "_rows", "_page_from", "_paged_bytes", "_reading", "_read_epoch",
-        "_held", "_overflows", "_on_refill", "_qos0", "__weakref__",
+        "_skip", "_held", "_overflows", "_on_refill", "_qos0", "__weakref__",
     )
 
     def __init__(
@@ -169,8 +169,8 @@ class MessageQueue:
         self.entries: deque[Entry] = deque()
         #: Payload bytes waiting (in memory and paged out), against limits.max_bytes.
         self.bytes = 0
-        #: Messages waiting in the store only (paged out), after the entries in memory.
-        #: Their sequence numbers are page_from+1 ... page_from+paged, without gaps.
+        #: Messages waiting in the store only (paged out), after the entries in memory: the rows
+        #: numbered after `_page_from` (not always consecutively: a restore may leave gaps).
         self.paged = 0
         self.durable = bool(store is not None and store.durable and key)
         self.key = key
@@ -184,8 +184,11 @@ class MessageQueue:
         self._page_from = 0
         self._paged_bytes = 0
         self._reading = False
-        #: Bumped when the paged part is thrown away, so a read asked for before is ignored.
+        #: Bumped when the paged part is thrown away or renumbered, so a read asked for before is ignored.
         self._read_epoch = 0
+        #: Paged-out messages dropped (drop_oldest) before they were read back: the next read
+        #: removes that many of its first rows instead of queueing them.
+        self._skip = 0
         self._held = HeldPublishers(self)
         self._overflows = 0
         #: Called when paged-out messages came back into memory (the owner may send them).
@@ -214,6 +217,8 @@ class MessageQueue:
         if not self._rows and self._next_seq > store.max_seq // 2:
             store.renumber(self.key)
             self._next_seq = 0
+            self._reading = False
+            self._read_epoch += 1
         if self._next_seq >= store.max_seq:
             return 0
         self._next_seq += 1
@@ -328,17 +333,17 @@ class MessageQueue:
         self._after_removal()
 
     def _drop_paged(self) -> None:
-        """The oldest message waiting in the store goes (memory is empty, a read may be on its way)."""
+        """The oldest message waiting in the store goes (memory is empty): the next read removes it."""
         if not self.paged:
             return
-        seq = self._page_from = self._page_from + 1
-        self.settle(seq)
         share = self._paged_bytes // self.paged
         self._paged_bytes -= share
         self.bytes -= share
         self.paged -= 1
+        self._skip += 1
         self._budget.paged -= 1
         self._metrics.dropped(self.protocol, "queue_full")
+        self._read_more()
 
     def _count_overflow(self, policy: str, what: str) -> None:
         self._metrics.overflows[(self.protocol, policy)] += 1
@@ -394,12 +399,12 @@ class MessageQueue:
         budget.sub(_size(message))
 
     def _read_more(self) -> None:
-        if self._reading or not self.paged:
+        if self._reading or not (self.paged or self._skip):
             return
         self._reading = True
         epoch = self._read_epoch
         self._store.read_messages(  # type: ignore[union-attr]
-            self.key, self._page_from, self._window // 2, lambda stored: self._refilled(stored, epoch))
+            self.key, self._page_from, self._window // 2 + self._skip, lambda stored: self._refilled(stored, epoch))
 
     def _refilled(self, stored: list[StoredEntry], epoch: int) -> None:
         if epoch != self._read_epoch:
@@ -410,7 +415,13 @@ class MessageQueue:
         got = 0
         for seq, message, meta in stored:
             if seq <= self._page_from:
-                continue  # dropped (drop_oldest) after the read was asked for
+                continue
+            if self._skip:
+                # Dropped while it waited in the store: its row goes now.
+                self._skip -= 1
+                self._page_from = seq
+                self.settle(seq)
+                continue
             if got == self.paged:
                 break
             self._page_from = seq
@@ -422,6 +433,8 @@ class MessageQueue:
             got += 1
         self.paged -= got
         budget.paged -= got
+        if not stored:
+            self._skip = 0
         if self.paged and not stored:
             log.error("queue %r: %d message(s) paged out to the store cannot be read back; they are lost",
                       self.name, self.paged)
@@ -432,8 +445,8 @@ class MessageQueue:
         if not self.paged:
             self.bytes -= self._paged_bytes
             self._paged_bytes = 0
-        elif len(entries) <= self._window // 2:
-            # Everything the read returned had been dropped meanwhile: read on.
+        if (self.paged or self._skip) and len(entries) <= self._window // 2:
+            # Everything the read returned had been dropped meanwhile, or rows wait to be removed: read on.
             self._read_more()
         if got and self._on_refill is not None:
             self._on_refill()
@@ -462,16 +475,19 @@ class MessageQueue:
         self._paged_bytes = 0
         self._reading = False
         self._read_epoch += 1
+        self._skip = 0
         self._held.release_all()
         return lost
 
     def purge(self) -> int:
-        """Empty a queue that lives on: its stored rows go too."""
+        """Empty a queue that lives on: its stored rows go too (not those of delivered messages)."""
         if self.durable:
             for entry in self.entries:
                 self.settle(entry[2])
-            for seq in range(self._page_from + 1, self._page_from + self.paged + 1):
-                self.settle(seq)
+            if self.paged or self._skip:
+                # Every row numbered after page_from waits in the store (gaps or not).
+                self._rows -= self.paged + self._skip
+                self._store.remove_messages_after(self.key, self._page_from)  # type: ignore[union-attr]
         return self._clear()
 
     def release_publishers(self) -> None:

@@ -47,7 +47,7 @@ from gateway.backpressure import NO_PUBLISHER, Publisher
 from gateway.events import Identity, Protocol
 from gateway.message import Message
 from gateway.metrics import Metrics
-from gateway.queues import BLOCK, DROP_OLDEST, REJECT_NEW, MemoryBudget, MessageQueue, QueueLimits
+from gateway.queues import BLOCK, DROP_OLDEST, REFUSED, REJECT_NEW, STORED, MemoryBudget, MessageQueue, QueueLimits
 from gateway.store.base import Store, StoredQueue, register_message_type
 
 if TYPE_CHECKING:
@@ -219,8 +219,11 @@ class Queue:
             consumer = consumers[0]
             if consumer.can_take():
                 if ready.durable and message.qos and not consumer.no_ack:
-                    consumer.channel.deliver(consumer, message, False, ready.persist(message, 0))
-                    return 2  # STORED
+                    seq = ready.persist(message, 0)
+                    if not seq:
+                        return REFUSED  # out of numbers (counted, logged)
+                    consumer.channel.deliver(consumer, message, False, seq)
+                    return STORED
                 consumer.channel.deliver(consumer, message, False, 0)
                 return 0
         # Never hold back a connection that consumes from this queue: its acks drain it.

@@ -455,6 +455,12 @@ class AMQP091Connection(asyncio.Protocol):
             return BYPASS
         return ORDERED
 
+    #: The inbound flow's hot path: a publish goes straight to `publish`.
+    publish_type = Publish
+
+    def publish(self, event: Publish) -> AsyncStep | None:
+        return self._publish(event)
+
     def handle(self, event: object) -> AsyncStep | None:
         kind = type(event)
         if kind is Publish:

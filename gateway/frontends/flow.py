@@ -189,8 +189,21 @@ class Output:
 # -- inbound ------------------------------------------------------------------------------------------
 
 
+class _NoEventType:
+    """Never an event's type: a handler without a publish fast path."""
+
+
 class FlowHandler(TypingProtocol):
-    """What a connection tells its `InboundFlow`."""
+    """What a connection tells its `InboundFlow`.
+
+    `publish_type` and `publish` are the hot path's shortcut: an event of exactly that
+    type is a PUBLISH, handled by `publish(event)` without `event_kind` and `handle`.
+    """
+
+    publish_type: type
+
+    def publish(self, event: Any) -> Awaitable[None] | None:
+        """Handle a PUBLISH event (as `handle` would)."""
 
     def event_kind(self, event: Any) -> int:
         """PUBLISH, ORDERED, BYPASS or SEQUENCED."""
@@ -278,16 +291,23 @@ class InboundFlow:
         handler = self.handler
         bucket = self.bucket
         gate = self.gate
+        publish_type = getattr(handler, "publish_type", _NoEventType)
+        publish = getattr(handler, "publish", None)
         for index, event in enumerate(events):
             if self._closed:
                 return
-            kind = handler.event_kind(event)
+            if type(event) is publish_type:
+                kind = PUBLISH
+                handle = publish
+            else:
+                kind = handler.event_kind(event)
+                handle = handler.handle
             if kind == PUBLISH and (gate.held or (bucket is not None and bucket.take() > 0)):
                 # Held for a full queue or rate limited: this and the rest wait, in order.
                 self._enqueue(events[index:])
                 return
             try:
-                step = handler.handle(event)
+                step = handle(event)  # type: ignore[misc]
             except Exception as exc:
                 handler.flow_error(event, exc)
                 continue

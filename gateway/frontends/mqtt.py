@@ -253,6 +253,15 @@ class MQTTConnection(asyncio.Protocol):
                 return SEQUENCED
         return ORDERED
 
+    #: The inbound flow's hot path: a PUBLISH goes straight to `publish`.
+    publish_type = Publish
+
+    def publish(self, packet: Publish) -> Awaitable[None] | None:
+        if self.session is None:
+            self._protocol_error("expected CONNECT, got Publish")
+            return None
+        return self._publish(packet)
+
     def handle(self, packet: object) -> Awaitable[None] | None:
         kind = type(packet)
         session = self.session
@@ -527,7 +536,14 @@ class MQTTConnection(asyncio.Protocol):
                 self.close("publish denied")
                 return
         if qos == 1:
-            self._ack(encode_puback(packet.packet_id), bool(status & STORED))  # type: ignore[arg-type]
+            acks = self._acks
+            if status & STORED or acks.waiting:
+                acks.ack(encode_puback(packet.packet_id), bool(status & STORED))  # type: ignore[arg-type]
+            else:
+                output = self._output
+                output.buffer.append(encode_puback(packet.packet_id))  # type: ignore[arg-type]
+                if not output.reading and not output.scheduled:
+                    output.schedule()
         elif qos == 2:
             self.session.incoming_qos2.add(packet.packet_id)  # type: ignore[union-attr,arg-type]
             self._ack(encode_pubrec(packet.packet_id), bool(status & STORED))  # type: ignore[arg-type]

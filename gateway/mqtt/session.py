@@ -23,11 +23,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
-from gateway.backpressure import NO_PUBLISHER, Publisher
+from gateway.backpressure import Publisher
 from gateway.events import Identity, Protocol
 from gateway.message import Message
 from gateway.metrics import Metrics
-from gateway.queues import STORED, MemoryBudget, MessageQueue, QueueLimits
+from gateway.queues import REFUSED, STORED, MemoryBudget, MessageQueue, QueueLimits
 from gateway.store.base import Store, StoredQueue
 
 if TYPE_CHECKING:
@@ -146,6 +146,8 @@ class Session:
             if len(self.inflight) < self._max_inflight:
                 if self.durable:
                     seq = queue.persist(message, qos | (RETAIN_FLAG if retain else 0))
+                    if not seq:
+                        return REFUSED if publisher.refusable else 0  # out of numbers (counted, logged)
                     self._send_new(output, message, qos, retain, seq)
                     return STORED
                 self._send_new(output, message, qos, retain, 0)

@@ -130,6 +130,10 @@ class Store(abc.ABC):
         """The message was delivered and acknowledged (or dropped): forget it."""
 
     @abc.abstractmethod
+    def remove_messages_after(self, key: str, seq: int) -> None:
+        """Forget every message of a queue numbered after `seq` (a purge of what is paged out)."""
+
+    @abc.abstractmethod
     def renumber(self, key: str) -> None:
         """The queue holds no message any more and starts its sequence numbers again at 1."""
 

@@ -30,6 +30,9 @@ class MemoryStore(Store):
     def add_message(self, key: str, seq: int, message: Message, meta: int) -> None:
         return None
 
+    def remove_messages_after(self, key: str, seq: int) -> None:
+        return None
+
     def renumber(self, key: str) -> None:
         return None
 

@@ -68,7 +68,7 @@ _INSERT = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM messages WHERE id = ?"
 
 # Operations of a batch: tuples whose first item says which.
-_ADD, _REMOVE, _PUT_QUEUE, _DELETE_QUEUE, _PUT_RETAINED, _DELETE_RETAINED, _READ, _RENUMBER = range(8)
+_ADD, _REMOVE, _PUT_QUEUE, _DELETE_QUEUE, _PUT_RETAINED, _DELETE_RETAINED, _READ, _RENUMBER, _REMOVE_AFTER = range(9)
 
 _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "never": "OFF"}
 
@@ -220,6 +220,16 @@ class SQLiteStore(Store):
         batch = self._batch
         batch.adds[rowid] = len(batch.ops)
         self._add_op((_ADD, rowid, message, meta))
+
+    def remove_messages_after(self, key: str, seq: int) -> None:
+        qid = self._qids.get(key)
+        if qid is None:
+            return
+        batch = self._batch
+        low, high = qid << SEQ_BITS | seq, (qid + 1) << SEQ_BITS
+        for rowid in [r for r in batch.adds if low < r < high]:
+            batch.ops[batch.adds.pop(rowid)] = None
+        self._add_op((_REMOVE_AFTER, low, high))
 
     def renumber(self, key: str) -> None:
         # A fresh queue number: removes still pending for the old numbers cannot touch new rows.
@@ -466,6 +476,8 @@ class SQLiteStore(Store):
                     qid = op[2]
                     conn.execute("DELETE FROM messages WHERE id >= ? AND id < ?", (qid << SEQ_BITS, (qid + 1) << SEQ_BITS))
                     conn.execute("DELETE FROM queues WHERE key = ? AND qid = ?", (op[1], qid))
+                elif kind == _REMOVE_AFTER:
+                    conn.execute("DELETE FROM messages WHERE id > ? AND id < ?", (op[1], op[2]))
                 elif kind == _RENUMBER:
                     conn.execute("UPDATE queues SET qid = ? WHERE key = ?", (op[2], op[1]))
                 elif kind == _PUT_RETAINED:

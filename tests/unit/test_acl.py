@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from auth_providers.acl import AclEntry, AllowAll, CompiledAcl, DenyAll, expand, validate_ops, validate_pattern
 from gateway.errors import StoreError
-from gateway.events import Outcome
+from gateway.events import Decision, Outcome
 from gateway.topics import topic_matches
 
 BOTH = frozenset({"publish", "subscribe"})
@@ -138,13 +138,75 @@ class TestDenyOverridesAllow:
         # The deny was for publish only.
         assert sub(checker, "a/secret/k")
 
-    def test_subscribe_filter_that_could_reach_a_denied_topic(self) -> None:
+    def test_subscribe_filter_that_could_reach_a_denied_topic_is_narrowed(self) -> None:
+        """A deny that covers part of a filter no longer refuses it: it becomes an exclusion."""
         checker = acl(entry("a/#"), entry("a/secret", SUB, deny=True))
-        assert sub(checker, "a/public/#")
-        assert not sub(checker, "a/#")
-        assert not sub(checker, "a/+")
-        assert not sub(checker, "a/secret")
-        assert pub(checker, "a/secret")
+        assert checker.check_subscribe("a/public/#") == Decision.allow()  # no intersection: no exclusions
+        for topic_filter in ("a/#", "a/+", "a/+/#"):
+            decision = checker.check_subscribe(topic_filter)
+            assert decision.allowed, topic_filter
+            assert decision.exclusions == ("a/secret",), topic_filter
+        decision = checker.check_subscribe("a/secret")
+        assert decision.outcome is Outcome.DENY
+        assert decision.reason == "a deny ACL entry forbids subscribe to 'a/secret'"
+        assert decision.exclusions == ()
+        assert pub(checker, "a/secret")  # the deny was for subscribe only
+
+    def test_readme_example_tenant_secrets(self) -> None:
+        checker = acl(entry("tenants/alice/#"), entry("tenants/alice/secrets/#", SUB, deny=True))
+        decision = checker.check_subscribe("tenants/alice/#")
+        assert decision.allowed
+        assert decision.exclusions == ("tenants/alice/secrets/#",)
+        for denied in ("tenants/alice/secrets/#", "tenants/alice/secrets/x", "tenants/alice/secrets",
+                       "tenants/alice/secrets/+/y"):
+            decision = checker.check_subscribe(denied)
+            assert decision.outcome is Outcome.DENY, denied
+            assert decision.reason == f"a deny ACL entry forbids subscribe to {denied!r}"
+        assert checker.check_subscribe("tenants/alice/public/#") == Decision.allow()
+        decision = checker.check_subscribe("tenants/alice/+/x")
+        assert decision.allowed and decision.exclusions == ("tenants/alice/secrets/#",)
+        # Outside the allow entry it is still "no entry allows", whatever the deny.
+        assert not sub(checker, "tenants/#")
+
+    def test_paho_interop_nosubscribe(self) -> None:
+        """The Paho interoperability suite: everything allowed but subscribing to `test/nosubscribe`."""
+        checker = acl(entry("#"), entry("test/nosubscribe", SUB, deny=True))
+        decision = checker.check_subscribe("#")
+        assert decision.allowed and decision.exclusions == ("test/nosubscribe",)
+        assert not sub(checker, "test/nosubscribe")
+        decision = checker.check_subscribe("test/+")
+        assert decision.allowed and decision.exclusions == ("test/nosubscribe",)
+        decision = checker.check_subscribe("test/#")
+        assert decision.allowed and decision.exclusions == ("test/nosubscribe",)
+        assert checker.check_subscribe("test/other") == Decision.allow()
+        assert checker.check_subscribe("+/+/x") == Decision.allow()  # one level too deep to reach it
+        assert pub(checker, "test/nosubscribe")
+
+    def test_exclusions_are_every_intersecting_deny_sorted(self) -> None:
+        checker = acl(
+            entry("#"),
+            entry("z/secret", SUB, deny=True),
+            entry("a/+/private", SUB, deny=True),
+            entry("a/b/#", SUB, deny=True),
+            entry("elsewhere/#", SUB, deny=True),
+            entry("a/x", PUB, deny=True),  # a publish deny never narrows a subscription
+        )
+        decision = checker.check_subscribe("a/+/+")
+        assert decision.allowed
+        assert decision.exclusions == ("a/+/private", "a/b/#")
+        decision = checker.check_subscribe("#")
+        assert decision.exclusions == ("a/+/private", "a/b/#", "elsewhere/#", "z/secret")
+
+    def test_a_deny_covering_the_whole_filter_wins_over_any_allow(self) -> None:
+        checker = acl(entry("a/#"), entry("a/b/c"), entry("a/+/c", SUB, deny=True))
+        assert not sub(checker, "a/b/c")
+        assert not sub(checker, "a/+/c")
+        decision = checker.check_subscribe("a/+/+")
+        assert decision.allowed and decision.exclusions == ("a/+/c",)
+
+    def test_dollar_deny_does_not_narrow_a_leading_wildcard(self) -> None:
+        checker = acl(entry("#"), entry("$SYS/#", SUB, deny=True))
+        assert checker.check_subscribe("#") == Decision.allow()  # `#` never reaches `$SYS` anyway
 
     def test_exact_allow_and_exact_deny(self) -> None:
         checker = acl(entry("a/b"), entry("a/b", deny=True))
@@ -210,3 +272,37 @@ def test_publish_matching_agrees_with_topic_matches(patterns: list[str], topic: 
     deny_all_of_them = acl(entry("#", PUB), entry("$x/#", PUB), *(entry(p, PUB, deny=True) for p in patterns))
     denied = any(topic_matches(p, topic) for p in patterns)
     assert pub(deny_all_of_them, topic) is (not denied)
+
+
+_filters = _patterns
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    allows=st.lists(_patterns, max_size=3),
+    denies=st.lists(_patterns, max_size=3),
+    topic_filter=_filters,
+    topics=st.lists(_topics, min_size=1, max_size=6),
+)
+@example(allows=["#"], denies=["test/nosubscribe"], topic_filter="#", topics=["test/nosubscribe"])
+@example(allows=["a/#"], denies=["a/b/#"], topic_filter="a/#", topics=["a/b", "a/b/c", "a"])
+@example(allows=["#"], denies=["+/a"], topic_filter="+/+", topics=["$x/a", "b/a"])
+def test_a_granted_subscription_minus_its_exclusions_never_reaches_a_denied_topic(
+    allows: list[str], denies: list[str], topic_filter: str, topics: list[str]
+) -> None:
+    checker = acl(*(entry(p, SUB) for p in allows), *(entry(p, SUB, deny=True) for p in denies))
+    decision = checker.check_subscribe(topic_filter)
+    if not decision.allowed:
+        assert decision.exclusions == ()
+        return
+    assert list(decision.exclusions) == sorted(set(decision.exclusions))
+    assert set(decision.exclusions) <= set(denies)
+    for topic in topics:
+        if not topic_matches(topic_filter, topic):
+            continue
+        excluded = any(topic_matches(e, topic) for e in decision.exclusions)
+        denied = any(topic_matches(d, topic) for d in denies)
+        # Every topic the filter reaches is allowed by some entry (one entry covers the filter) ...
+        assert any(topic_matches(a, topic) for a in allows)
+        # ... and a denied one is always excluded (and only denied ones are).
+        assert excluded is denied, (topic, decision.exclusions)

@@ -279,9 +279,16 @@ async def test_authorization(seeded: LocalProvider) -> None:
     alice = identity("alice")
     assert (await authz(seeded, alice, Action.PUBLISH, "tenants/alice/x")).allowed
     assert (await authz(seeded, alice, Action.SUBSCRIBE, "tenants/alice/+/x")).allowed
-    for topic_filter in ("tenants/bob/#", "#", "tenants/+/x", "tenants/alice/#"):
-        # The last one could reach the denied `tenants/alice/secret`.
+    assert (await authz(seeded, alice, Action.SUBSCRIBE, "tenants/alice/+/x")).exclusions == ()
+    for topic_filter in ("tenants/bob/#", "#", "tenants/+/x", "tenants/alice/secret"):
+        # The last one is wholly covered by the deny entry.
         assert not (await authz(seeded, alice, Action.SUBSCRIBE, topic_filter)).allowed, topic_filter
+    secret = await authz(seeded, alice, Action.SUBSCRIBE, "tenants/alice/secret")
+    assert secret.reason == "a deny ACL entry forbids subscribe to 'tenants/alice/secret'"
+    # A filter the deny entry covers only part of is narrowed: allowed, without the denied topic.
+    for topic_filter in ("tenants/alice/#", "tenants/alice/+"):
+        narrowed = await authz(seeded, alice, Action.SUBSCRIBE, topic_filter)
+        assert narrowed.allowed and narrowed.exclusions == ("tenants/alice/secret",), topic_filter
     denied = await authz(seeded, alice, Action.PUBLISH, "tenants/alice/secret")
     assert denied.reason == "a deny ACL entry forbids publish on 'tenants/alice/secret'"
     nothing = await authz(seeded, alice, Action.PUBLISH, "x")

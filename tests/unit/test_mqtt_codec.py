@@ -7,6 +7,7 @@ import dataclasses
 import paho.mqtt.client as paho
 import pytest
 
+from gateway.backpressure import NO_PUBLISHER
 from gateway.errors import ProtocolError
 from gateway.router import Message, Router
 from gateway.mqtt import (
@@ -455,15 +456,16 @@ def test_publish_is_the_message_the_router_routes() -> None:
     assert (packet.topic, packet.payload, packet.qos, packet.retain) == ("a/b", b"x", 1, True)
     assert packet != Message("a/b", b"x", 1, True)  # a packet still differs from a bare message
     router = Router()
-    got: list[tuple[Message, int, bool]] = []
+    got: list[tuple[Message, int, bool, object]] = []
 
     class Subscriber:
-        def deliver(self, message: Message, qos: int, retain: bool) -> None:
-            got.append((message, qos, retain))
+        def deliver(self, message: Message, qos: int, retain: bool, publisher: object) -> int:
+            got.append((message, qos, retain, publisher))
+            return 0  # status bits: nothing stored, nothing refused
 
     router.subscribe(Subscriber(), "a/+", 2)
-    assert router.publish(packet) == 1
-    assert got == [(packet, 1, False)] and got[0][0] is packet
+    assert router.publish(packet) == 1  # ROUTED
+    assert got == [(packet, 1, False, NO_PUBLISHER)] and got[0][0] is packet
     assert router.retained("a/b") == [packet]
 
 

@@ -8,18 +8,26 @@ import logging
 import pytest
 
 from gateway import router as router_module
+from gateway.backpressure import NO_PUBLISHER, Blocker, Publisher
 from gateway.errors import InvalidTopic
-from gateway.router import Message, Router
+from gateway.queues import MemoryBudget
+from gateway.router import REFUSED, ROUTED, STORED, Message, Router
+from gateway.store.memory import MemoryStore
+from tests.unit.store_doubles import RecordingStore
 
 
 class Recorder:
-    """Records (topic, payload, qos, retain) per delivery."""
+    """Records (topic, payload, qos, retain) per delivery; `status` is what its deliver returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 0) -> None:
         self.received: list[tuple[str, bytes, int, bool]] = []
+        self.publishers: list[Publisher] = []
+        self.status = status
 
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
         self.received.append((message.topic, message.payload, qos, retain))
+        self.publishers.append(publisher)
+        return self.status
 
     def topics(self) -> list[str]:
         return [topic for topic, _, _, _ in self.received]
@@ -39,7 +47,7 @@ class Raising:
     def __init__(self) -> None:
         self.calls = 0
 
-    def deliver(self, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
         self.calls += 1
         raise RuntimeError("queue exploded")
 
@@ -69,8 +77,9 @@ def receives(topic_filter: str, topic: str) -> bool:
     router = Router()
     sub = Recorder()
     router.subscribe(sub, topic_filter, 0)
-    delivered = router.publish(Message(topic, b"x"))
-    assert delivered == len(sub.received)
+    status = router.publish(Message(topic, b"x"))
+    assert status == (ROUTED if sub.received else 0)
+    assert len(sub.received) <= 1
     return bool(sub.received)
 
 
@@ -119,7 +128,7 @@ def test_forwarded_messages_have_retain_false_and_are_the_published_object() -> 
     sub = Recorder()
     router.subscribe(sub, "a", 1)
     message = Message("a", b"p", 1, True)
-    assert router.publish(message) == 1
+    assert router.publish(message) == ROUTED
     assert sub.received == [("a", b"p", 1, False)]  # MQTT-3.3.1-9
 
 
@@ -136,7 +145,7 @@ def test_overlapping_filters_deliver_once_at_highest_granted_qos_capped_by_publi
     router.subscribe(sub, "a/+", 2)
     router.subscribe(sub, "#", 0)
     router.subscribe(sub, "a/#", 1)
-    assert router.publish(Message("a/b", b"x", publish_qos)) == 1
+    assert router.publish(Message("a/b", b"x", publish_qos)) == ROUTED
     assert sub.received == [("a/b", b"x", expected, False)]
 
 
@@ -157,13 +166,13 @@ def test_only_matching_filters_count_for_qos() -> None:
     assert sub.received == [("a/b", b"x", 0, False)]
 
 
-def test_each_subscriber_gets_its_own_qos_and_the_count_is_returned() -> None:
+def test_each_subscriber_gets_its_own_qos() -> None:
     router = Router()
     low, high, other = Recorder(), Recorder(), Recorder()
     router.subscribe(low, "t", 0)
     router.subscribe(high, "+", 2)
     router.subscribe(other, "u", 2)
-    assert router.publish(Message("t", b"x", 2)) == 2
+    assert router.publish(Message("t", b"x", 2)) == ROUTED
     assert low.received == [("t", b"x", 0, False)]
     assert high.received == [("t", b"x", 2, False)]
     assert other.received == []
@@ -175,7 +184,7 @@ def test_subscribers_are_told_apart_by_identity_not_equality() -> None:
     router.subscribe(first, "a", 1)
     router.subscribe(second, "a", 2)
     assert router.subscription_count == 2
-    assert router.publish(Message("a", b"x", 2)) == 2
+    assert router.publish(Message("a", b"x", 2)) == ROUTED
     assert first.received == [("a", b"x", 1, False)]
     assert second.received == [("a", b"x", 2, False)]
     assert router.unsubscribe(first, "a") is True
@@ -187,8 +196,9 @@ def test_unhashable_subscribers_are_accepted() -> None:
     class ValueSubscriber:  # eq=True makes instances unhashable
         received: list[int] = dataclasses.field(default_factory=list)
 
-        def deliver(self, message: Message, qos: int, retain: bool) -> None:
+        def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
             self.received.append(qos)
+            return 0
 
     router = Router()
     first, second = ValueSubscriber(), ValueSubscriber()
@@ -253,7 +263,7 @@ def test_unsubscribe_all() -> None:
     router.unsubscribe_all(Recorder())
     assert router.subscriptions(sub) == {}
     assert router.subscription_count == 1
-    assert router.publish(Message("a", b"x")) == 1
+    assert router.publish(Message("a", b"x")) == ROUTED
     assert router.publish(Message("$SYS/x", b"x")) == 0
     assert sub.received == []
     assert other.topics() == ["a"]
@@ -305,7 +315,7 @@ def test_retained_set_replace_clear() -> None:
     router = Router()
     sub = Recorder()
     router.subscribe(sub, "a/b", 1)
-    assert router.publish(Message("a/b", b"one", 1, True)) == 1
+    assert router.publish(Message("a/b", b"one", 1, True)) == ROUTED
     assert router.retained("a/b") == [Message("a/b", b"one", 1, True)]
     router.publish(Message("a/b", b"two", 0, True))
     assert router.retained("a/b") == [Message("a/b", b"two", 0, True)]
@@ -314,7 +324,7 @@ def test_retained_set_replace_clear() -> None:
     router.publish(Message("a/b", b"live", 1))
     assert router.retained("a/b") == [Message("a/b", b"two", 0, True)]
     # An empty retained payload clears it and still reaches current subscribers.
-    assert router.publish(Message("a/b", b"", 1, True)) == 1
+    assert router.publish(Message("a/b", b"", 1, True)) == ROUTED
     assert sub.received[-1] == ("a/b", b"", 1, False)
     assert router.retained("a/b") == []
     assert router.retained("#") == []
@@ -331,7 +341,7 @@ def test_retained_cap_refuses_new_topics_and_keeps_old_ones() -> None:
     router.subscribe(sub, "#", 0)
     router.publish(Message("a", b"1", 0, True))
     router.publish(Message("b", b"2", 0, True))
-    assert router.publish(Message("c", b"3", 0, True)) == 1  # still delivered
+    assert router.publish(Message("c", b"3", 0, True)) == ROUTED  # still delivered
     assert router.retained_refused == 1
     assert router.retained("c") == []
     assert router.retained_count == 2
@@ -412,8 +422,8 @@ def test_a_raising_subscriber_does_not_stop_the_others(caplog: pytest.LogCapture
     router.subscribe(broken, "a", 0)
     router.subscribe(after, "#", 0)
     with caplog.at_level(logging.DEBUG, logger="polygate.router"):
-        assert router.publish(Message("a", b"x")) == 2
-        assert router.publish(Message("a", b"y")) == 2
+        assert router.publish(Message("a", b"x")) == ROUTED
+        assert router.publish(Message("a", b"y")) == ROUTED
     assert before.topics() == ["a", "a"]
     assert after.topics() == ["a", "a"]
     assert broken.calls == 2
@@ -429,17 +439,18 @@ def test_subscriber_may_change_subscriptions_from_deliver() -> None:
     later = Recorder()
 
     class Unsubscriber(Recorder):
-        def deliver(self, message: Message, qos: int, retain: bool) -> None:
-            super().deliver(message, qos, retain)
+        def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
+            super().deliver(message, qos, retain, publisher)
             router.unsubscribe_all(self)
             router.subscribe(later, "a", 0)
+            return 0
 
     first = Unsubscriber()
     other = Recorder()
     router.subscribe(first, "a", 0)
     router.subscribe(other, "a", 0)
-    assert router.publish(Message("a", b"1")) == 2
-    assert router.publish(Message("a", b"2")) == 2
+    assert router.publish(Message("a", b"1")) == ROUTED
+    assert router.publish(Message("a", b"2")) == ROUTED
     assert first.topics() == ["a"]
     assert other.topics() == ["a", "a"]
     assert later.topics() == ["a"]
@@ -465,7 +476,7 @@ def test_cache_is_invalidated_by_subscribe(topic_filter: str) -> None:
     sub = Recorder()
     assert router.publish(Message("a/b", b"1")) == 0
     router.subscribe(sub, topic_filter, 0)
-    assert router.publish(Message("a/b", b"2")) == 1
+    assert router.publish(Message("a/b", b"2")) == ROUTED
     assert sub.received == [("a/b", b"2", 0, False)]
 
 
@@ -503,7 +514,7 @@ def test_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     sub = Recorder()
     router.subscribe(sub, "t/+", 0)
     for index in range(100):
-        assert router.publish(Message(f"t/{index}", b"x")) == 1
+        assert router.publish(Message(f"t/{index}", b"x")) == ROUTED
         assert len(router._match_cache) <= 8
     assert len(sub.received) == 100
 
@@ -523,3 +534,216 @@ def test_message_is_a_frozen_positional_value() -> None:
     assert Message("a", b"p") != Message("a", b"q")
     assert [f.name for f in dataclasses.fields(Message)] == ["topic", "payload", "qos", "retain"]
     assert repr(Message("t", b"p", 2, True)) == "Message(topic='t', payload=b'p', qos=2, retain=True)"
+
+
+# -- exclusions --------------------------------------------------------------
+
+
+def test_an_excluded_topic_is_not_delivered() -> None:
+    router = Router()
+    sub, other = Recorder(), Recorder()
+    router.subscribe(sub, "tenants/alice/#", 1, ("tenants/alice/secrets/#",))
+    router.subscribe(other, "#", 0)
+    assert router.publish(Message("tenants/alice/x", b"1", 1)) == ROUTED
+    # Only `other` matches the excluded topic, so it is still routed.
+    assert router.publish(Message("tenants/alice/secrets/k", b"2", 1)) == ROUTED
+    assert router.publish(Message("tenants/alice/secrets", b"3", 1)) == ROUTED  # `#` covers its parent level
+    assert sub.topics() == ["tenants/alice/x"]
+    assert other.topics() == ["tenants/alice/x", "tenants/alice/secrets/k", "tenants/alice/secrets"]
+
+
+def test_an_exclusion_only_subscriber_gets_nothing_routed() -> None:
+    router = Router()
+    sub = Recorder()
+    router.subscribe(sub, "#", 1, ("test/nosubscribe",))
+    assert router.publish(Message("test/nosubscribe", b"x", 1)) == 0
+    assert router.publish(Message("test/other", b"y", 1)) == ROUTED
+    assert sub.topics() == ["test/other"]
+
+
+@pytest.mark.parametrize("order", ["excluding_first", "matching_first"])
+def test_overlapping_filters_excluded_by_one_matched_by_the_other_deliver_once(order: str) -> None:
+    router = Router()
+    sub = Recorder()
+    subscriptions = [("a/#", 2, ("a/secret",)), ("a/+", 1, ())]
+    if order == "matching_first":
+        subscriptions.reverse()
+    for topic_filter, qos, exclusions in subscriptions:
+        router.subscribe(sub, topic_filter, qos, exclusions)
+    router.publish(Message("a/secret", b"x", 2))
+    # Once, at the qos of the filter that still matches (the excluding one does not count).
+    assert sub.received == [("a/secret", b"x", 1, False)]
+    router.publish(Message("a/open", b"y", 2))
+    assert sub.received[-1] == ("a/open", b"y", 2, False)
+    router.publish(Message("a/secret/deeper", b"z", 2))  # only `a/#` matches, and it does not exclude this
+    assert sub.received[-1] == ("a/secret/deeper", b"z", 2, False)
+    assert len(sub.received) == 3
+
+
+def test_retained_messages_returned_by_subscribe_respect_exclusions() -> None:
+    router = Router()
+    for topic in ("a/x", "a/secret", "a/secret/k", "b"):
+        router.publish(Message(topic, b"r", 1, True))
+    got = router.subscribe(Recorder(), "a/#", 1, ("a/secret/#",))
+    assert sorted(m.topic for m in got) == ["a/x"]
+    got = router.subscribe(Recorder(), "#", 1, ("a/+", "b"))
+    assert sorted(m.topic for m in got) == ["a/secret/k"]
+
+
+def test_exclusions_are_checked_once_per_topic_in_the_match_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    real = router_module.topic_matches
+
+    def counting(topic_filter: str, topic: str) -> bool:
+        calls.append((topic_filter, topic))
+        return real(topic_filter, topic)
+
+    monkeypatch.setattr(router_module, "topic_matches", counting)
+    router = Router()
+    sub = Recorder()
+    router.subscribe(sub, "a/+", 1, ("a/secret", "a/hidden"))
+    for _ in range(5):
+        router.publish(Message("a/open", b"x"))
+        router.publish(Message("a/secret", b"x"))
+    assert sub.topics() == ["a/open"] * 5
+    # One check per exclusion filter per distinct topic: on the cache miss, never on a hit.
+    assert sorted(calls) == sorted([("a/secret", "a/open"), ("a/hidden", "a/open"), ("a/secret", "a/secret")])
+
+
+def test_regrant_with_other_exclusions_invalidates_the_cache() -> None:
+    router = Router()
+    sub = Recorder()
+    router.subscribe(sub, "a/+", 1, ("a/b",))
+    router.publish(Message("a/b", b"1"))
+    router.subscribe(sub, "a/+", 1)  # the deny entry went away
+    router.publish(Message("a/b", b"2"))
+    router.subscribe(sub, "a/+", 1, ("a/b",))
+    router.publish(Message("a/b", b"3"))
+    assert [p for _, p, _, _ in sub.received] == [b"2"]
+    assert router.subscription_count == 1
+
+
+# -- status bits, publishers and the memory budget -------------------------
+
+
+def test_status_bits_of_subscribers_are_or_ed_with_routed() -> None:
+    router = Router()
+    stored, refused, plain = Recorder(STORED), Recorder(REFUSED), Recorder()
+    router.subscribe(stored, "t", 1)
+    router.subscribe(refused, "t", 1)
+    router.subscribe(plain, "#", 1)
+    assert router.publish(Message("t", b"x", 1)) == ROUTED | STORED | REFUSED
+    assert router.publish(Message("u", b"x", 1)) == ROUTED
+    assert router.publish(Message("$x", b"x", 1)) == 0
+
+
+def test_a_raising_subscriber_adds_no_status(caplog: pytest.LogCaptureFixture) -> None:
+    router = Router()
+    router.subscribe(Raising(), "t", 1)
+    with caplog.at_level(logging.CRITICAL, logger="polygate.router"):
+        assert router.publish(Message("t", b"x", 1)) == ROUTED
+    assert router.delivery_errors == 1
+
+
+class HoldRecorder:
+    """A publisher that records who holds it."""
+
+    refusable = True
+
+    def __init__(self) -> None:
+        self.holders: list[Blocker] = []
+
+    def hold(self, blocker: Blocker) -> None:
+        self.holders.append(blocker)
+
+    def release(self, blocker: Blocker) -> None:
+        self.holders.remove(blocker)
+
+
+def test_the_publisher_is_handed_to_every_subscriber() -> None:
+    router = Router()
+    first, second = Recorder(), Recorder()
+    router.subscribe(first, "t", 0)
+    router.subscribe(second, "+", 0)
+    publisher = HoldRecorder()
+    router.publish(Message("t", b"x"), publisher)
+    router.publish(Message("t", b"y"))
+    assert first.publishers == [publisher, NO_PUBLISHER]
+    assert second.publishers == [publisher, NO_PUBLISHER]
+
+
+def test_the_memory_alarm_holds_every_publisher_until_it_clears() -> None:
+    budget = MemoryBudget(1000)
+    router = Router(budget=budget)
+    assert router.budget is budget
+    sub = Recorder()
+    router.subscribe(sub, "t", 0)
+    before, during, unrouted = HoldRecorder(), HoldRecorder(), HoldRecorder()
+    router.publish(Message("t", b"x"), before)
+    assert before.holders == []
+    budget.add(1001)
+    assert budget.alarm
+    assert router.publish(Message("t", b"x"), during) == ROUTED  # still delivered, then held
+    router.publish(Message("nobody/listens", b"x"), unrouted)  # held too: memory is short either way
+    assert during.holders == [budget] and unrouted.holders == [budget]
+    router.publish(Message("t", b"y"), during)
+    assert during.holders == [budget]  # held once
+    budget.sub(101)  # 900: not below 90% yet
+    assert budget.alarm and during.holders == [budget]
+    budget.sub(1)
+    assert not budget.alarm
+    assert during.holders == [] and unrouted.holders == [] and before.holders == []
+
+
+def test_a_router_without_a_budget_never_holds() -> None:
+    router = Router()
+    assert router.budget.high == 0
+    router.budget.add(10**12)
+    assert not router.budget.alarm
+    publisher = HoldRecorder()
+    router.publish(Message("t", b"x"), publisher)
+    assert publisher.holders == []
+
+
+# -- the retained store ------------------------------------------------------
+
+
+def test_retained_messages_are_written_to_a_durable_store() -> None:
+    store = RecordingStore()
+    router = Router(store=store)
+    sub = Recorder()
+    router.subscribe(sub, "a/#", 1)
+    assert router.publish(Message("a/b", b"one", 1, True)) == ROUTED | STORED
+    assert router.publish(Message("x", b"two", 0, True)) == STORED  # stored though nobody listens
+    assert router.publish(Message("a/b", b"live", 1)) == ROUTED  # not retained: not written
+    assert router.publish(Message("a/b", b"", 1, True)) == ROUTED | STORED  # cleared
+    assert router.publish(Message("a/never", b"", 1, True)) == ROUTED  # nothing to clear
+    assert store.calls == [("put_retained", "a/b", b"one"), ("put_retained", "x", b"two"), ("delete_retained", "a/b")]
+    assert set(store.retained) == {"x"}
+
+
+def test_a_retained_message_over_the_cap_is_not_written() -> None:
+    store = RecordingStore()
+    router = Router(store=store, max_retained=1)
+    assert router.publish(Message("a", b"1", 0, True)) == STORED
+    assert router.publish(Message("b", b"2", 0, True)) == 0
+    assert router.retained_refused == 1
+    assert store.ops("put_retained") == [("put_retained", "a", b"1")]
+
+
+def test_a_store_that_keeps_nothing_is_not_written_to() -> None:
+    router = Router(store=MemoryStore())
+    assert router.publish(Message("a", b"1", 0, True)) == 0
+    assert router.retained("a") == [Message("a", b"1", 0, True)]
+
+
+def test_restore_retained_fills_the_router_without_writing() -> None:
+    store = RecordingStore()
+    router = Router(store=store, max_retained=2)
+    router.restore_retained([Message("a/b", b"1", 1, True), Message("c", b"2", 0, True), Message("d", b"3", 0, True)])
+    assert store.calls == []
+    assert sorted(m.topic for m in router.retained("#")) == ["a/b", "c"]  # the cap still applies
+    assert router.retained_refused == 1
+    # The store is still used afterwards.
+    assert router.publish(Message("a/b", b"", 0, True)) == STORED
+    assert store.calls == [("delete_retained", "a/b")]
