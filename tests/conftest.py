@@ -41,8 +41,27 @@ def root_password(monkeypatch: pytest.MonkeyPatch) -> str:
     return password
 
 
+LOOPS = ("asyncio", "uvloop")
+
+
+def loop_factory_of(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop a gateway runs on: asyncio's, or uvloop's (what `polygate[fast]` users get)."""
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    uvloop = pytest.importorskip("uvloop")
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-def start_gateway(tmp_path: Path, root_password: str) -> Iterator[Callable[..., GatewayThread]]:
+def gateway_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """Where the gateways of `start_gateway` run; tests/integration/conftest.py makes it both loops."""
+    return asyncio.new_event_loop
+
+
+@pytest.fixture
+def start_gateway(
+    tmp_path: Path, root_password: str, gateway_loop_factory: Callable[[], asyncio.AbstractEventLoop]
+) -> Iterator[Callable[..., GatewayThread]]:
     """Start gateways from config dicts; every one is stopped after the test."""
     started: list[GatewayThread] = []
 
@@ -51,7 +70,7 @@ def start_gateway(tmp_path: Path, root_password: str) -> Iterator[Callable[..., 
         if "storage" not in data:
             # Each gateway of a test keeps its store in a directory of its own.
             data = {**data, "storage": {"path": str(tmp_path / f"polygate-data-{len(started)}")}}
-        gw = GatewayThread.from_dict(data, provider=provider).start()
+        gw = GatewayThread.from_dict(data, provider=provider, loop_factory=gateway_loop_factory).start()
         started.append(gw)
         return gw
 

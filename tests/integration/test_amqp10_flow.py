@@ -34,22 +34,15 @@ LIMIT = 20
 POLL = 0.005
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def start(request: pytest.FixtureRequest, tmp_path: Path, root_password: str) -> Iterator[Callable[..., GatewayThread]]:
-    """Start in-process gateways (AMQP 1.0, MQTT, health on loopback) on the parametrized event loop."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    else:
-        import asyncio
-
-        factory = asyncio.new_event_loop
+@pytest.fixture
+def start(gateway_loop_factory: Callable[[], Any], tmp_path: Path, root_password: str) -> Iterator[Callable[..., GatewayThread]]:
+    """Start in-process gateways (AMQP 1.0, MQTT, health on loopback) on the module's event loop."""
     started: list[GatewayThread] = []
 
     def run(**sections: Any) -> GatewayThread:
         server = {**AMQP, **sections.pop("server", {})}
         config = loopback_config(tmp_path / f"gw{len(started)}", server=server, **sections)
-        gw = GatewayThread.from_dict(config, loop_factory=factory).start()
+        gw = GatewayThread.from_dict(config, loop_factory=gateway_loop_factory).start()
         started.append(gw)
         return gw
 

@@ -43,48 +43,6 @@ from tests.paho_client import PahoClient
 DEADLINE = 5.0
 COAP = {"coap": {"plain": {"addr": "127.0.0.1:0"}}}
 StartGateway = Callable[..., GatewayThread]
-LOOPS = ("asyncio", "uvloop")
-
-
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if name == "asyncio":
-        return asyncio.new_event_loop
-    uvloop = pytest.importorskip("uvloop")
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module", params=LOOPS)
-def loop_name(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy(loop_name: str) -> asyncio.AbstractEventLoopPolicy:
-    """pytest-asyncio's: the test's own loop is of the module's kind too."""
-    if loop_name == "asyncio":
-        return asyncio.DefaultEventLoopPolicy()
-    return pytest.importorskip("uvloop").EventLoopPolicy()  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def start_gateway(start_gateway: StartGateway, loop_name: str, monkeypatch: pytest.MonkeyPatch) -> StartGateway:
-    """conftest's `start_gateway`, each gateway on the module's loop.
-
-    conftest builds every gateway with `GatewayThread.from_dict`; defaulting its
-    loop_factory here keeps the rest of what conftest does for a gateway
-    (its config, its cleanup) in one place.
-    """
-    factory = _loop_factory(loop_name)
-    build = GatewayThread.from_dict
-
-    def from_dict(data: dict[str, Any], *, provider: Any = None,
-                  loop_factory: Callable[[], asyncio.AbstractEventLoop] = factory) -> GatewayThread:
-        return build(data, provider=provider, loop_factory=loop_factory)
-
-    monkeypatch.setattr(GatewayThread, "from_dict", from_dict)
-    return start_gateway
-
-
 def coap_uri(port: int, topic: str, **query: Any) -> str:
     """`coap://127.0.0.1:<port>/<topic>?<query>`: each level percent-encoded (`#` as %23)."""
     path = "/".join(quote(level, safe="+") for level in topic.split("/"))

@@ -1,7 +1,7 @@
 """What a CoAP publisher sees of full queues and durable subscribers, through a real gateway.
 
 Real clients over loopback (aiocoap, raw CoAP datagrams, pika, paho), each
-test on asyncio and on uvloop (test_coap's `loop_name` fixtures): a full AMQP
+test on asyncio and on uvloop (tests/integration/conftest.py): a full AMQP
 0.9.1 `reject_new` queue makes a POST 5.03 with Max-Age; an observer that
 acknowledges slowly (drop_oldest) never holds a publisher back, and under
 `block` holds the 2.04 until it caught up; a graceful stop first sends what
@@ -26,19 +26,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.events import Protocol
 from tests.conftest import ROOT_USER, loopback_config
 from tests.gateway_thread import GatewayThread
-from tests.integration.test_coap import (  # noqa: F401  (fixtures: every test on both loops)
+from tests.integration.test_coap import (  # noqa: F401  (client and root are fixtures)
     COAP,
     DEADLINE,
     RawPeer,
     StartGateway,
     client,
     coap_uri,
-    event_loop_policy,
-    loop_name,
     raw_get,
     request,
     root,
-    start_gateway,
     wait_for,
 )
 from tests.paho_client import PahoClient

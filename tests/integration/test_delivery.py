@@ -9,7 +9,6 @@ or a crash does; every test runs on both event loops.
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,34 +27,6 @@ from tests.gateway_thread import GatewayThread
 from tests.paho_client import PahoClient
 
 AMQP091 = {"amqp091": {"plain": {"addr": "127.0.0.1:0"}}}
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_name(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    return str(request.param)
-
-
-@pytest.fixture
-def start(loop_name: str, tmp_path: Path, root_password: str) -> Iterator[Callable[..., GatewayThread]]:
-    """Start an in-process gateway on the test's event loop."""
-    started: list[GatewayThread] = []
-
-    def run(**sections: Any) -> GatewayThread:
-        config = loopback_config(tmp_path, **sections)
-        if loop_name == "uvloop":
-            import uvloop
-
-            gw = GatewayThread.from_dict(config, loop_factory=uvloop.new_event_loop).start()
-        else:
-            gw = GatewayThread.from_dict(config).start()
-        started.append(gw)
-        return gw
-
-    yield run
-    for gw in started:
-        gw.stop()
 
 
 @pytest.fixture
@@ -121,9 +92,9 @@ class AckCounter:
 # -- slow and stuck consumers --------------------------------------------------------------------------
 
 
-def test_stuck_mqtt_subscriber_does_not_slow_a_healthy_one(start: Callable[..., GatewayThread], root_password: str) -> None:
+def test_stuck_mqtt_subscriber_does_not_slow_a_healthy_one(start_gateway: Callable[..., GatewayThread], root_password: str) -> None:
     """drop_oldest (the MQTT default): the stuck subscriber loses its oldest, counted; nobody else waits."""
-    gw = start(limits={"max_queued_messages": 200, "max_inflight_messages": 10})
+    gw = start_gateway(limits={"max_queued_messages": 200, "max_inflight_messages": 10})
     stuck = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stuck", protocol=mqtt.MQTTv311)
     stuck.username_pw_set(ROOT_USER, root_password)
     stuck.connect("127.0.0.1", gw.mqtt_port)
@@ -154,9 +125,9 @@ def test_stuck_mqtt_subscriber_does_not_slow_a_healthy_one(start: Callable[..., 
 
 
 def test_mqtt_qos1_flood_into_a_late_amqp_consumer_loses_nothing_acknowledged(
-    start: Callable[..., GatewayThread], root_password: str
+    start_gateway: Callable[..., GatewayThread], root_password: str
 ) -> None:
-    gw = start(server=AMQP091)
+    gw = start_gateway(server=AMQP091)
     amqp = pika.BlockingConnection(pika.ConnectionParameters(
         "127.0.0.1", gw.port("amqp091"), credentials=pika.PlainCredentials(ROOT_USER, root_password)))
     try:
@@ -311,10 +282,10 @@ def test_kill_9_with_fsync_always_loses_nothing_acknowledged(
 
 
 def test_20000_confirmed_publishes_into_an_unconsumed_queue_are_all_delivered(
-    start: Callable[..., GatewayThread], root_password: str
+    start_gateway: Callable[..., GatewayThread], root_password: str
 ) -> None:
     """RabbitMQ keeps them all; so must we (the default bound is 100,000 per queue)."""
-    gw = start(server=AMQP091)
+    gw = start_gateway(server=AMQP091)
     credentials = pika.PlainCredentials(ROOT_USER, root_password)
     amqp = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", gw.port("amqp091"), credentials=credentials))
     try:
@@ -345,9 +316,9 @@ def test_20000_confirmed_publishes_into_an_unconsumed_queue_are_all_delivered(
 # -- overflow policies and the memory watermark ------------------------------------------------------
 
 
-def test_amqp_queue_arguments_choose_bound_and_policy(start: Callable[..., GatewayThread], root_password: str) -> None:
+def test_amqp_queue_arguments_choose_bound_and_policy(start_gateway: Callable[..., GatewayThread], root_password: str) -> None:
     """x-max-length with x-overflow drop-head keeps the newest; bad arguments are 406; both counted."""
-    gw = start(server=AMQP091)
+    gw = start_gateway(server=AMQP091)
     credentials = pika.PlainCredentials(ROOT_USER, root_password)
     amqp = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", gw.port("amqp091"), credentials=credentials))
     try:
@@ -368,10 +339,10 @@ def test_amqp_queue_arguments_choose_bound_and_policy(start: Callable[..., Gatew
 
 
 def test_memory_watermark_blocks_every_publisher_until_consumers_catch_up(
-    start: Callable[..., GatewayThread], root_password: str
+    start_gateway: Callable[..., GatewayThread], root_password: str
 ) -> None:
     """Above limits.memory_high_watermark: AMQP 0.9.1 gets connection.blocked, an MQTT publisher gets no PUBACK."""
-    gw = start(server=AMQP091, limits={"memory_high_watermark": "1MB"})
+    gw = start_gateway(server=AMQP091, limits={"memory_high_watermark": "1MB"})
     credentials = pika.PlainCredentials(ROOT_USER, root_password)
     amqp = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", gw.port("amqp091"), credentials=credentials))
     events: list[str] = []

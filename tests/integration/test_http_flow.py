@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pika
-import pytest
 
 from tests.conftest import ROOT_USER, loopback_config
 from tests.gateway_thread import GatewayThread
@@ -24,33 +23,6 @@ from tests.paho_client import PahoClient
 
 AMQP091 = {"amqp091": {"plain": {"addr": "127.0.0.1:0"}}}
 DEADLINE = 10.0
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_name(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    return str(request.param)
-
-
-@pytest.fixture
-def start(loop_name: str, root_password: str) -> Iterator[Callable[[dict[str, Any]], GatewayThread]]:
-    """Start gateways from config dicts on the test's event loop; every one is stopped after the test."""
-    started: list[GatewayThread] = []
-
-    def run(config: dict[str, Any]) -> GatewayThread:
-        if loop_name == "uvloop":
-            import uvloop
-
-            gw = GatewayThread.from_dict(config, loop_factory=uvloop.new_event_loop)
-        else:
-            gw = GatewayThread.from_dict(config)
-        started.append(gw.start())
-        return gw
-
-    yield run
-    for gw in started:
-        gw.stop()
 
 
 def auth(password: str) -> aiohttp.BasicAuth:
@@ -68,9 +40,9 @@ async def metric(http: aiohttp.ClientSession, gw: GatewayThread, name: str) -> f
 
 
 def test_a_full_amqp_queue_refuses_the_post_with_503(
-    start: Callable[[dict[str, Any]], GatewayThread], tmp_path: Path, root_password: str
+    start_gateway: Callable[..., GatewayThread], tmp_path: Path, root_password: str
 ) -> None:
-    gw = start(loopback_config(tmp_path, server=AMQP091))
+    gw = start_gateway(loopback_config(tmp_path, server=AMQP091))
     conn = pika.BlockingConnection(pika.ConnectionParameters(
         "127.0.0.1", gw.port("amqp091"), credentials=pika.PlainCredentials(ROOT_USER, root_password),
         connection_attempts=1, socket_timeout=5,
@@ -123,9 +95,9 @@ async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
 
 
 def test_a_slow_sse_reader_never_holds_the_publisher(
-    start: Callable[[dict[str, Any]], GatewayThread], tmp_path: Path, root_password: str
+    start_gateway: Callable[..., GatewayThread], tmp_path: Path, root_password: str
 ) -> None:
-    gw = start(loopback_config(tmp_path, limits={"max_queued_messages": 4}))
+    gw = start_gateway(loopback_config(tmp_path, limits={"max_queued_messages": 4}))
     base = f"http://127.0.0.1:{gw.http_port}"
     payload = b"x" * 65536
     overflows = 'polygate_queue_overflows_total{policy="drop_oldest",protocol="http"}'
@@ -169,10 +141,10 @@ def test_a_slow_sse_reader_never_holds_the_publisher(
 
 
 def test_a_202_for_a_persistent_session_survives_a_restart(
-    start: Callable[[dict[str, Any]], GatewayThread], tmp_path: Path, root_password: str
+    start_gateway: Callable[..., GatewayThread], tmp_path: Path, root_password: str
 ) -> None:
     config = loopback_config(tmp_path)
-    gw = start(config)
+    gw = start_gateway(config)
     session = PahoClient(gw.mqtt_port, client_id="p", username=ROOT_USER, password=root_password,
                          clean_session=False).connect_ok()
     try:
@@ -188,7 +160,7 @@ def test_a_202_for_a_persistent_session_survives_a_restart(
 
     assert asyncio.run(post()) == 202
     gw.stop()
-    again = start(config)  # the same storage.path
+    again = start_gateway(config)  # the same storage.path
     session = PahoClient(again.mqtt_port, client_id="p", username=ROOT_USER, password=root_password,
                          clean_session=False)
     try:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import itertools
 import json
 import queue
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol as TypingProtocol
 from urllib.parse import quote, urlencode
@@ -22,7 +23,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from gateway.frontends.registry import built_kinds
-from tests.conftest import ROOT_USER, loopback_config
+from tests.conftest import ROOT_USER, loop_factory_of, loopback_config
 from tests.gateway_thread import GatewayThread
 from tests.paho_client import PahoClient
 
@@ -38,16 +39,8 @@ class Subscriber(TypingProtocol):
     def close(self) -> None: ...
 
 
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if name == "asyncio":
-        return asyncio.new_event_loop
-    uvloop = pytest.importorskip("uvloop")  # `polygate run` uses it when installed (polygate[fast])
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
-def matrix_gateway(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayThread, str]]:
+@pytest.fixture(scope="module")
+def matrix_gateway(loop_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayThread, str]]:
     import os
     import secrets
 
@@ -62,7 +55,7 @@ def matrix_gateway(request: pytest.FixtureRequest,
     saved = {k: os.environ.get(k) for k in ("POLYGATE_ROOT_USERNAME", "POLYGATE_ROOT_PASSWORD")}
     os.environ["POLYGATE_ROOT_USERNAME"] = ROOT_USER
     os.environ["POLYGATE_ROOT_PASSWORD"] = password
-    gw = GatewayThread.from_dict(loopback_config(tmp, server=server), loop_factory=_loop_factory(request.param)).start()
+    gw = GatewayThread.from_dict(loopback_config(tmp, server=server), loop_factory=loop_factory_of(loop_name)).start()
     try:
         yield gw, password
     finally:
@@ -138,6 +131,8 @@ class SseSubscriber:
 
     def close(self) -> None:
         self.task.cancel()
+        # Let the cancellation unwind the stream (its `async with` blocks) before its loop stops.
+        concurrent.futures.wait([self.task], timeout=DEADLINE)
         self.loop.stop()
 
 
