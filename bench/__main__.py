@@ -7,7 +7,8 @@ import sys
 # this module again, so it must stay light.
 BENCHMARKS = {"mqtt": "bench.mqtt_bench", "auth": "bench.auth_bench", "latency": "bench.latency_bench",
               "amqp": "bench.amqp_bench", "memory": "bench.memory_bench", "storm": "bench.storm_bench",
-              "authpath": "bench.authpath_bench", "all": "bench.all_bench"}
+              "authpath": "bench.authpath_bench", "persist": "bench.persist_bench", "hotpath": "bench.hotpath_bench",
+              "all": "bench.all_bench"}
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,9 @@ The parts, each also runnable alone (`python -m bench <part> --help`):
 - authpath: the dispatcher alone: cache hit, miss, coalesced misses;
 - memory: RSS per idle MQTT connection at 1,000 and 10,000, beside Mosquitto;
 - latency: one message at a time across every pair of protocols;
-- amqp: AMQP 0.9.1 publisher confirms, beside RabbitMQ.
+- amqp: AMQP 0.9.1 publisher confirms, beside RabbitMQ;
+- persist: QoS 1 to a persistent session with the store on and off, beside
+  Mosquitto and RabbitMQ with persistence; fsync modes; RSS of queued messages.
 
 Parts run one at a time so that none measures another's load. A part that
 fails is reported as failed and the rest still run. The report ends with
@@ -33,10 +35,10 @@ from typing import Any
 
 from bench.entry import Log, terminate_on_sigterm, log_to_stderr
 from bench import (amqp_bench, auth_bench, authpath_bench, latency_bench, memory_bench, mqtt_bench, mqtt_lineup,
-                   peers, storm_bench)
+                   peers, persist_bench, storm_bench)
 
 DEFAULT_JSON = Path("bench-results.json")
-PARTS = ("mqtt", "auth", "storm", "authpath", "memory", "latency", "amqp")
+PARTS = ("mqtt", "auth", "storm", "authpath", "memory", "latency", "amqp", "persist")
 TARGET_IDLE_KB = 16.0
 
 
@@ -113,6 +115,12 @@ def parts(*, quick: bool, setup: bool) -> dict[str, Part]:
                                           setup=setup)
     if quick:
         amqp_options = dataclasses.replace(amqp_options, brokers=(amqp_bench.POLYGATE,))
+    persist_options = persist_bench.PersistOptions(setup=setup)
+    if quick:
+        # Polygate alone (its store on and off): the peers take longer to start than the part may.
+        persist_options = persist_bench.quick_options(
+            setup=setup, brokers=(persist_bench.POLYGATE_SQLITE, persist_bench.POLYGATE_MEMORY),
+            rss_brokers=(persist_bench.POLYGATE_SQLITE, persist_bench.POLYGATE_MEMORY))
     storm_clients = 20 if quick else storm_bench.DEFAULT_CLIENTS
     memory_counts = (50,) if quick else (1_000, 10_000)
     memory_brokers = (peers.POLYGATE_NONE,) if quick else (peers.POLYGATE_NONE, peers.MOSQUITTO)
@@ -134,6 +142,9 @@ def parts(*, quick: bool, setup: bool) -> dict[str, Part]:
                         latency_bench.format_report, lambda report: report.to_json()),
         "amqp": Part("amqp", lambda log: amqp_bench.run(amqp_options, log=log), amqp_bench.format_report,
                      lambda report: report.to_json()),
+        "persist": Part("persist", lambda log: persist_bench.run(persist_options, log=log),
+                        persist_bench.format_report, lambda report: report.to_json(),
+                        lambda report: report.targets),
     }
 
 

@@ -84,6 +84,8 @@ class LoadConfig:
     batch: int = 1           # raw client: packets per write (1: one write per packet, as a device does)
     qos0_lead: int = 1000    # QoS 0: most messages a publisher may be ahead of the subscriber (0: unpaced)
     publishers: int = 1
+    #: False: a persistent session (clean session 0), as bench persist's subscriber uses.
+    clean_session: bool = True
 
     def payload(self, phase: int, sent_ns: int = 0) -> bytes:
         if self.size < STAMP_END:
@@ -111,8 +113,8 @@ def _utf8(text: str) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
-def connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
-    flags = 0x02  # clean session
+def connect_packet(client_id: str, username: str | None, password: str | None, *, clean: bool = True) -> bytes:
+    flags = 0x02 if clean else 0x00  # clean session, or a persistent one
     payload = _utf8(client_id)
     if username is not None:
         flags |= 0x80
@@ -217,7 +219,8 @@ class RawClient:
         self.sock = socket.create_connection((config.host, config.port), timeout=CONNECT_TIMEOUT_S)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.sendall(connect_packet(config.client_id, config.username, config.password))
+            self.sock.sendall(connect_packet(config.client_id, config.username, config.password,
+                                             clean=config.clean_session))
             _, body = self.expect(0x20)
         except BaseException:
             self.sock.close()
@@ -505,7 +508,7 @@ def _paho_client(config: LoadConfig) -> Any:
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
-                         protocol=mqtt.MQTTv311, clean_session=True)
+                         protocol=mqtt.MQTTv311, clean_session=config.clean_session)
     if config.username is not None:
         client.username_pw_set(config.username, config.password)
     client.max_inflight_messages_set(config.inflight)

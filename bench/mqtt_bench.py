@@ -261,8 +261,12 @@ def cpu_of(processes: list[Any]) -> list[float]:
 
 def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions, *,
             auth_service: peers.RunningBroker | None = None,
-            callout_counts: Callable[[], auth_bench.AuthCounts] | None = None) -> Measurement:
+            callout_counts: Callable[[], auth_bench.AuthCounts] | None = None,
+            clean_subscriber: bool = True) -> Measurement:
     """Drive one running broker at one QoS and return the figures of the measured window.
+
+    `clean_subscriber=False`: the subscriber connects with a persistent session (clean
+    session 0), so a broker that persists sessions keeps every QoS 1 message for it.
 
     `auth_service`: the reference service the broker calls out to, whose CPU is
     reported apart. `callout_counts`: read around the run for the callouts made
@@ -287,7 +291,7 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions, *,
     stop, go_warm, go_measure = ctx.Event(), ctx.Event(), ctx.Event()
     sub_counters = ctx.RawArray("d", load.SUBSCRIBER_SLOTS)
     pub_counters = [ctx.RawArray("d", load.PUBLISHER_SLOTS) for _ in range(options.publishers)]
-    sub_config = load.LoadConfig(client_id=f"bench-sub-{run_id}", **base)
+    sub_config = load.LoadConfig(client_id=f"bench-sub-{run_id}", clean_session=clean_subscriber, **base)
     pub_configs = [
         load.LoadConfig(client_id=f"bench-pub{i}-{run_id}", warmup_messages=warm_per_publisher,
                         warmup_seconds=options.warmup_seconds, messages=count, seconds=options.seconds, **base)

@@ -237,9 +237,9 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def polygate_version() -> str:
+def polygate_version(source: Path | None = None) -> str:
     version = package_version("polygate")
-    result = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+    result = subprocess.run(["git", "-C", str(source or REPO_ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False, timeout=10)
     commit = result.stdout.strip()
     return f"{version} (git {commit})" if result.returncode == 0 and commit else version
@@ -247,16 +247,29 @@ def polygate_version() -> str:
 
 # ---- the brokers ----
 
-def start_mosquitto(workdir: Path, *, setup: bool) -> RunningBroker:
+def start_mosquitto(workdir: Path, *, setup: bool, persistence: bool = False) -> RunningBroker:
+    """Mosquitto on a free loopback port; `persistence` turns its persistence on, its database in `workdir`."""
     path = ensure_mosquitto(setup=setup)
     port = free_port()
     conf = workdir / "mosquitto.conf"
+    if persistence:
+        # Mosquitto keeps everything in memory and writes the whole database every
+        # autosave_interval (default 1800 s) and at shutdown; those defaults are kept.
+        data = workdir / "mosquitto-data"
+        data.mkdir(parents=True, exist_ok=True)
+        persistence_lines = f"persistence true\npersistence_location {data}/\n"
+        if os.geteuid() == 0:
+            # As root it would switch to the `mosquitto` user, which cannot write into our
+            # temp dirs (mode 0700); `user root` keeps it as it was started.
+            persistence_lines += "user root\n"
+    else:
+        persistence_lines = "persistence false\n"
     # log_dest stderr: mosquitto drops root privileges and could not open a log
     # file in our temp dir; stderr is the inherited log file descriptor.
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
-        "persistence false\n"
+        + persistence_lines +
         # Its default of 1000 queued messages per client drops QoS 1 messages a
         # busy subscriber cannot take yet; Polygate holds the publisher back
         # instead. A large bound keeps the two doing the same work.
@@ -289,10 +302,12 @@ def start_amqtt(workdir: Path, *, setup: bool) -> RunningBroker:
                          process=process, log_path=log_path)
 
 
-def gateway_env(extra: dict[str, str]) -> dict[str, str]:
+def gateway_env(extra: dict[str, str], *, source: Path | None = None) -> dict[str, str]:
+    """The environment of a gateway process: `source` (default this working tree) first on its path."""
     env = dict(os.environ)
     # The working tree under test, whatever is installed in the venv.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    root = str(source or REPO_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -307,29 +322,33 @@ def _gateway_cli(args: list[str], *, env: dict[str, str], workdir: Path, stdin: 
                                 f"{result.returncode}:\n{tail}")
 
 
-def start_polygate(name: str, workdir: Path) -> RunningBroker:
+def start_polygate(name: str, workdir: Path, *, extra_yaml: str = "", source: Path | None = None) -> RunningBroker:
+    """Polygate as `name` (its auth provider); `extra_yaml` is added to its config (e.g. a `storage:`
+    block), `source` is the gateway tree to run (default this working tree)."""
     db = workdir / "auth.db"
     password = secrets.token_urlsafe(18)
     credentials: Credentials | None = Credentials(username=BENCH_USERNAME, password=password)
     if name == POLYGATE_NONE:
         auth_yaml = "auth: {provider: none}\n"
-        env = gateway_env({})
+        env = gateway_env({}, source=source)
         credentials = None
     else:
         auth_yaml = f"auth: {{provider: local, local: {{db: \"{db}\"}}}}\n"
         if name == POLYGATE_LOCAL:
             # The root superuser: it bypasses ACLs.
-            env = gateway_env({"POLYGATE_ROOT_USERNAME": BENCH_USERNAME, "POLYGATE_ROOT_PASSWORD": password})
+            env = gateway_env({"POLYGATE_ROOT_USERNAME": BENCH_USERNAME, "POLYGATE_ROOT_PASSWORD": password},
+                              source=source)
         else:
             # An ordinary user whose every operation goes through its ACL.
             env = gateway_env({"POLYGATE_ROOT_USERNAME": "benchroot",
-                                "POLYGATE_ROOT_PASSWORD": secrets.token_urlsafe(18)})
+                                "POLYGATE_ROOT_PASSWORD": secrets.token_urlsafe(18)}, source=source)
             _require_gateway_cli()
             _gateway_cli(["users", "add", BENCH_USERNAME, "--password-stdin", "--db", str(db)],
                          env=env, workdir=workdir, stdin=password + "\n")
             _gateway_cli(["acl", "grant", BENCH_USERNAME, ACL_PATTERN, "--ops", "publish,subscribe",
                           "--db", str(db)], env=env, workdir=workdir)
-    return start_gateway(name, workdir, auth_yaml=auth_yaml, credentials=credentials, env=env)
+    return start_gateway(name, workdir, auth_yaml=auth_yaml + extra_yaml, credentials=credentials, env=env,
+                         source=source)
 
 
 def _require_gateway_cli() -> None:
@@ -338,10 +357,13 @@ def _require_gateway_cli() -> None:
 
 
 def start_gateway(name: str, workdir: Path, *, auth_yaml: str, credentials: Credentials | None,
-                  env: dict[str, str] | None = None, health: bool = False) -> RunningBroker:
+                  env: dict[str, str] | None = None, health: bool = False,
+                  source: Path | None = None) -> RunningBroker:
     """`python -m gateway run` with MQTT on a free loopback port and the given `auth:` YAML block.
 
-    `health` also opens the health listener (`/metrics`) on another free port.
+    `auth_yaml` may carry further top-level blocks (`storage:`, `limits:`). `health`
+    also opens the health listener (`/metrics`) on another free port. `source`: the
+    gateway tree to run (default this working tree); its version names its commit.
     """
     _require_gateway_cli()
     port = free_port()
@@ -352,14 +374,14 @@ def start_gateway(name: str, workdir: Path, *, auth_yaml: str, credentials: Cred
         f"server: {{tcp: {{plain: {{addr: \"127.0.0.1:{port}\"}}}}, health_addr: \"{health_addr}\"}}\n" + auth_yaml)
     argv = [sys.executable, "-m", "gateway", "run", "--config", str(conf)]
     process, log_path = launch(argv, name=name, port=port, workdir=workdir,
-                                env=env if env is not None else gateway_env({}))
+                                env=env if env is not None else gateway_env({}, source=source))
     if health_port is not None:
         try:
             wait_for_listener(process, health_port, log_path, name=f"{name} (health listener)")
         except BaseException:
             stop_process_group(process)
             raise
-    return RunningBroker(name=name, port=port, version=polygate_version(), credentials=credentials,
+    return RunningBroker(name=name, port=port, version=polygate_version(source), credentials=credentials,
                          process=process, log_path=log_path, health_port=health_port)
 
 

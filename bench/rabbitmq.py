@@ -246,6 +246,35 @@ def start_rabbitmq_mqtt(workdir: Path, *, setup: bool, auth_url: str,
     return broker
 
 
+def start_rabbitmq_mqtt_guest(workdir: Path, *, setup: bool, name: str = RABBITMQ_MQTT) -> RunningRabbitMQ:
+    """RabbitMQ's MQTT plugin on a free loopback port, logins by its internal backend as guest/guest.
+
+    No auth service: bench persist compares what each broker does to keep
+    messages, not auth. The plugin keeps a clean-session-0 subscriber's
+    messages in a durable classic queue, publishes QoS 1 messages as
+    persistent (delivery mode 2), and sends a PUBACK once the queue confirmed
+    the message (publisher confirms). Its other settings are its defaults.
+    """
+    amqp_port, mqtt_port = peers.free_port(), peers.free_port()
+    credentials = peers.Credentials(username="guest", password="guest")
+    conf_lines = [
+        f"mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}",
+        "mqtt.allow_anonymous = false",
+        f"mqtt.tcp_listen_options.backlog = {LISTEN_BACKLOG}",
+        "mqtt.tcp_listen_options.nodelay = true",
+        "log.console = true",
+        "log.console.level = warning",
+    ]
+    broker = _start_node(workdir, setup=setup, name=name, conf_lines=conf_lines, plugins=("rabbitmq_mqtt",),
+                         amqp_port=amqp_port, wait_port=mqtt_port, credentials=credentials)
+    try:
+        wait_for_mqtt_login(broker, credentials)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
 def wait_for_mqtt_login(broker: peers.RunningBroker, credentials: peers.Credentials,
                         deadline_s: float = RABBITMQ_START_S) -> None:
     """Poll with MQTT CONNECTs until one is accepted; a refusal other than "server unavailable" is final.
