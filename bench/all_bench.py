@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.entry import Log, terminate_on_sigterm, log_to_stderr
+from bench.entry import Log, log_to_stderr, target_lines, terminate_on_sigterm
 from bench import (amqp_bench, auth_bench, authpath_bench, latency_bench, memory_bench, mqtt_bench, mqtt_lineup,
                    peers, persist_bench, storm_bench)
 
@@ -183,9 +183,7 @@ def format_report(results: Sequence[PartResult], *, command: str, started: str) 
         lines += ["", f"==== {result.name} ({result.seconds:.0f} s) ====", result.report]
     lines += ["", "==== targets (every one a ratio or figure from this run) ===="]
     for result in results:
-        for target in result.targets:
-            verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target.met]
-            lines.append(f"  [{verdict}] {result.name}: {target.description}: {target.detail}")
+        lines += target_lines(result.targets, prefix=f"{result.name}: ")
     failed = [result.name for result in results if result.error]
     if failed:
         lines.append(f"  failed parts: {', '.join(failed)} (their errors are in the JSON file)")

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.entry import bench_main
+from bench.entry import bench_main, csv_items, target_lines
 from bench import load, mqtt_bench, peers
 
 # The run harness (worker processes, polling with deadlines, CPU sampling, SIGTERM handling)
@@ -642,9 +642,7 @@ def format_report(report: AuthBenchReport) -> str:
         lines.append(f"load-bound: a load process used >= {mqtt_bench.SATURATED_CPU_PCT:.0f}% of a CPU, so msgs/s "
                      "there is the load side's limit, not the gateway's")
     lines += ["", "targets:"]
-    for target in report.targets:
-        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target.met]
-        lines.append(f"  [{verdict}] {target.description}: {target.detail}")
+    lines += target_lines(report.targets)
     if report.skipped:
         lines += ["", "skipped:"]
         for skip in report.skipped:
@@ -661,9 +659,6 @@ def _fmt_load(values: Sequence[float] | None) -> str:
 def _ttl_text(ttls: dict[str, str]) -> str:
     return ", ".join(f"{key} {value}" for key, value in ttls.items())
 
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def parse_args(argv: Sequence[str]) -> tuple[AuthBenchOptions, Path | None, Path | None]:
@@ -695,7 +690,7 @@ def parse_args(argv: Sequence[str]) -> tuple[AuthBenchOptions, Path | None, Path
     args = parser.parse_args(list(argv))
     try:
         options = AuthBenchOptions(
-            transports=_csv(args.transports), scenarios=_csv(args.scenarios), rounds=args.rounds,
+            transports=csv_items(args.transports), scenarios=csv_items(args.scenarios), rounds=args.rounds,
             messages=args.messages, cold_messages=args.cold_messages, seconds=args.seconds, size=args.size,
             inflight=args.inflight, warmup_messages=args.warmup_messages, warmup_seconds=args.warmup_seconds,
             storm_clients=args.storm_clients, storm_messages=args.storm_messages,

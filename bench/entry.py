@@ -10,12 +10,37 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 R = TypeVar("R")
 Log = Callable[[str], None]
+
+
+class Verdict(Protocol):
+    """A target of an issue as a benchmark judged it."""
+
+    @property
+    def met(self) -> bool | None: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[met]
+
+
+def target_lines(targets: Iterable[Verdict], prefix: str = "") -> list[str]:
+    """One report line per target: `[MET] <prefix><description>: <detail>`."""
+    return [f"  [{verdict(target.met)}] {prefix}{target.description}: {target.detail}" for target in targets]
+
+
+def csv_items(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated command-line value, blanks left out."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def terminate_on_sigterm() -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import mqtt_bench, peers
-from bench.entry import bench_main
+from bench.entry import bench_main, csv_items, target_lines
 from bench.mqtt_bench import Target
 
 BASE, MEMORY, SQLITE = "base", "memory", "sqlite"
@@ -211,16 +211,11 @@ def format_report(report: HotpathReport) -> str:
              for r in report.rows]
     lines += mqtt_bench.format_table(header, table, left=(0, 3))
     lines += ["", "targets:"]
-    for target in report.targets:
-        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target.met]
-        lines.append(f"  [{verdict}] {target.description}: {target.detail}")
+    lines += target_lines(report.targets)
     if report.skipped:
         lines += ["", "skipped:"] + [f"  {s}" for s in report.skipped]
     return "\n".join(lines)
 
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def parse_args(argv: Sequence[str]) -> tuple[HotpathOptions, Path | None, Path | None]:
@@ -240,8 +235,8 @@ def parse_args(argv: Sequence[str]) -> tuple[HotpathOptions, Path | None, Path |
     args = parser.parse_args(list(argv))
     try:
         options = HotpathOptions(
-            base=args.base.resolve(), brokers=_csv(args.brokers), variants=_csv(args.variants),
-            qos_levels=tuple(int(q) for q in _csv(args.qos)), sizes=tuple(int(s) for s in _csv(args.size)),
+            base=args.base.resolve(), brokers=csv_items(args.brokers), variants=csv_items(args.variants),
+            qos_levels=tuple(int(q) for q in csv_items(args.qos)), sizes=tuple(int(s) for s in csv_items(args.size)),
             publishers=args.publishers, rounds=args.rounds, messages=args.messages, seconds=args.seconds)
     except ValueError as exc:
         parser.error(str(exc))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.entry import bench_main
+from bench.entry import bench_main, csv_items, target_lines
 from bench import auth_bench, load, mqtt_lineup, peers
 
 DEFAULT_BROKERS = mqtt_lineup.DEFAULT
@@ -588,9 +588,7 @@ def format_report(report: BenchReport) -> str:
                      "warm-up included, from the gateway's /metrics; rabbitmq-mqtt: the calls the auth service "
                      "counted (its decisions are not exported)")
     lines += ["", "targets:"]
-    for target in report.targets:
-        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target.met]
-        lines.append(f"  [{verdict}] {target.description}: {target.detail}")
+    lines += target_lines(report.targets)
     if report.skipped:
         lines += ["", "skipped:"]
         for skip in report.skipped:
@@ -604,12 +602,9 @@ def format_report(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in _csv(text))
+    return tuple(int(part) for part in csv_items(text))
 
 
 def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | None]:
@@ -644,7 +639,7 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchOptions, Path | None, Path | N
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep each broker's config, database and log under DIR (default: a temp dir, removed)")
     args = parser.parse_args(list(argv))
-    brokers = _csv(args.brokers)
+    brokers = list(csv_items(args.brokers))
     if args.acl_user and peers.POLYGATE_ACL not in brokers:
         brokers.insert(brokers.index(peers.POLYGATE_LOCAL) + 1 if peers.POLYGATE_LOCAL in brokers else 0,
                        peers.POLYGATE_ACL)

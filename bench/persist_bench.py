@@ -40,8 +40,8 @@ from typing import Any
 
 import psutil
 
-from bench import load, mqtt_bench, mqtt_lineup, peers
-from bench.entry import bench_main
+from bench import load, mqtt_bench, peers
+from bench.entry import bench_main, csv_items, target_lines
 from bench.mqtt_bench import Target
 
 POLYGATE_SQLITE = "polygate-sqlite"
@@ -626,9 +626,7 @@ def format_report(report: PersistReport) -> str:
         lines.append(f"load-bound: a publisher or the subscriber used >= {mqtt_bench.SATURATED_CPU_PCT:.0f}% of a CPU "
                      "while messages flowed, so msgs/s there is the load side's limit, not the broker's")
     lines += ["", "targets:"]
-    for target in report.targets:
-        verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[target.met]
-        lines.append(f"  [{verdict}] {target.description}: {target.detail}")
+    lines += target_lines(report.targets)
     if report.skipped:
         lines += ["", "skipped:"]
         for skip in report.skipped:
@@ -636,9 +634,6 @@ def format_report(report: PersistReport) -> str:
             lines.append(f"  [{skip.part}] {skip.broker}: {reason}")
     return "\n".join(lines)
 
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def parse_args(argv: Sequence[str]) -> tuple[PersistOptions, Path | None, Path | None]:
@@ -662,9 +657,9 @@ def parse_args(argv: Sequence[str]) -> tuple[PersistOptions, Path | None, Path |
     args = parser.parse_args(list(argv))
     try:
         values: dict[str, Any] = dict(
-            parts=_csv(args.parts), brokers=_csv(args.brokers), rss_brokers=_csv(args.rss_brokers),
-            fsync_modes=_csv(args.fsync), publisher_counts=tuple(int(p) for p in _csv(args.publishers)),
-            fsync_publisher_counts=tuple(int(p) for p in _csv(args.fsync_publishers)), messages=args.messages,
+            parts=csv_items(args.parts), brokers=csv_items(args.brokers), rss_brokers=csv_items(args.rss_brokers),
+            fsync_modes=csv_items(args.fsync), publisher_counts=tuple(int(p) for p in csv_items(args.publishers)),
+            fsync_publisher_counts=tuple(int(p) for p in csv_items(args.fsync_publishers)), messages=args.messages,
             seconds=args.seconds, rounds=args.rounds, queued_messages=args.queued, setup=args.setup)
         if args.quick:
             values.update(QUICK)
