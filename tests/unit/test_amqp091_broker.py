@@ -28,7 +28,6 @@ from gateway.amqp091.routing import (
     topic_to_routing_key,
 )
 from gateway.amqp091.sasl import SASLError, parse_response
-from gateway.backpressure import Blocker, PublisherGate
 from gateway.errors import InvalidTopic
 from gateway.events import Identity, Protocol
 from gateway.metrics import Metrics
@@ -36,6 +35,7 @@ from gateway.queues import BLOCK, DROP_OLDEST, REFUSED, REJECT_NEW, STORED, Memo
 from gateway.router import ROUTED, Message, Router
 from gateway.store.base import Store, StoredQueue
 from tests.unit.store_doubles import RecordingStore
+from tests.unit.publisher_doubles import FakePublisher
 
 ALICE = Identity(external_id="alice", username="alice")
 BOB = Identity(external_id="bob", username="bob")
@@ -141,16 +141,6 @@ def test_amqplain_response() -> None:
 # -- queues and channels ------------------------------------------------------------------------------------
 
 
-class FakePublisher:
-    def __init__(self, refusable: bool = True) -> None:
-        self.refusable = refusable
-        self.gate = PublisherGate()
-
-    def hold(self, blocker: Blocker) -> None:
-        self.gate.add(blocker)
-
-    def release(self, blocker: Blocker) -> None:
-        self.gate.remove(blocker)
 
 
 class FakeOutput:

@@ -8,22 +8,10 @@ import logging
 import pytest
 
 from gateway import backpressure
-from gateway.backpressure import DRAINING, NO_PUBLISHER, Blocker, HeldPublishers, PublisherGate
+from gateway.backpressure import DRAINING, NO_PUBLISHER, HeldPublishers, PublisherGate
+from tests.unit.publisher_doubles import FakePublisher
 
 
-class FakePublisher:
-    """A publisher as the router sees it: `refusable`, `hold`, `release`, backed by a PublisherGate."""
-
-    refusable = True
-
-    def __init__(self) -> None:
-        self.gate = PublisherGate()
-
-    def hold(self, blocker: Blocker) -> None:
-        self.gate.add(blocker)
-
-    def release(self, blocker: Blocker) -> None:
-        self.gate.remove(blocker)
 
 
 class FakeQueue:

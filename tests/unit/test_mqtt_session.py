@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.backpressure import NO_PUBLISHER, Blocker, PublisherGate
+from gateway.backpressure import NO_PUBLISHER
 from gateway.events import Identity, Protocol
 from gateway.metrics import Metrics
 from gateway.mqtt.session import KEY_PREFIX, RETAIN_FLAG, Session, SessionRegistry
@@ -16,20 +16,9 @@ from gateway.router import Message, Router
 from gateway.store.base import Store, StoredQueue
 from gateway.store.memory import MemoryStore
 from tests.unit.store_doubles import RecordingStore
+from tests.unit.publisher_doubles import FakePublisher
 
 
-class FakePublisher:
-    """A connection's publisher side (`InboundFlow` in the gateway)."""
-
-    def __init__(self, refusable: bool = True) -> None:
-        self.refusable = refusable
-        self.gate = PublisherGate()
-
-    def hold(self, blocker: Blocker) -> None:
-        self.gate.add(blocker)
-
-    def release(self, blocker: Blocker) -> None:
-        self.gate.remove(blocker)
 
 
 class Output:
