@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import ROOT_USER
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
 _CONNACK_RAW = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
@@ -121,3 +124,37 @@ class PahoClient:
         sock = self.client.socket()
         if sock is not None:
             sock.close()
+
+
+class AckCounter:
+    """A paho QoS 1 publisher that knows which of its messages were PUBACKed, publishing without waiting
+    (up to 100 in flight, nothing queued in paho beyond that)."""
+
+    def __init__(self, port: int, password: str, client_id: str, username: str = ROOT_USER) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                  reconnect_on_failure=False)
+        self.client.username_pw_set(username, password)
+        self.client.max_inflight_messages_set(100)
+        self.client.max_queued_messages_set(0)
+        self._sent: list[tuple[int, mqtt.MQTTMessageInfo]] = []
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    @property
+    def acked(self) -> set[int]:
+        # is_published() turns true when the PUBACK arrived, never before.
+        return {number for number, info in self._sent if info.is_published()}
+
+    def publish(self, topic: str, number: int) -> None:
+        self._sent.append((number, self.client.publish(topic, str(number).encode(), qos=1)))
+
+    def wait_acked(self, count: int, timeout: float = 30.0) -> set[int]:
+        deadline = time.monotonic() + timeout
+        while len(acked := self.acked) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return acked
+
+    def stop(self) -> None:
+        # Disconnecting first wakes the network thread, so loop_stop does not wait out its poll.
+        self.client.disconnect()
+        self.client.loop_stop()

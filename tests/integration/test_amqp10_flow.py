@@ -16,15 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from proton import ConnectionException, Delivery, Message
 from proton.utils import BlockingConnection, BlockingReceiver, BlockingSender
 
 from gateway.events import Protocol
 from tests.conftest import ROOT_USER, loopback_config
 from tests.gateway_thread import GatewayThread
+from tests.paho_client import AckCounter
 
 AMQP = {"amqp": {"plain": {"addr": "127.0.0.1:0"}}}
 DEADLINE = 10.0
@@ -246,41 +245,6 @@ def test_block_holds_a_sender_without_credit_and_delivers_everything(
 # -- MQTT QoS 1 into an AMQP 1.0 receiver that starts late -------------------------------------------------
 
 
-class AckCounter:
-    """A paho QoS 1 publisher that records which messages were PUBACKed, publishing without waiting."""
-
-    def __init__(self, port: int, password: str, client_id: str) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                  reconnect_on_failure=False)
-        self.client.username_pw_set(ROOT_USER, password)
-        self.client.max_inflight_messages_set(100)
-        self.client.max_queued_messages_set(0)
-        self.acked: set[int] = set()
-        self._mids: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self.client.on_publish = self._on_publish
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        with self._lock:
-            number = self._mids.pop(mid, None)
-            if number is not None:
-                self.acked.add(number)
-
-    def publish(self, topic: str, number: int) -> None:
-        with self._lock:
-            info = self.client.publish(topic, str(number).encode(), qos=1)
-            self._mids[info.mid] = number
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.acked)
-
-    def stop(self) -> None:
-        # Disconnecting first wakes the network thread, so loop_stop does not wait out its poll.
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_mqtt_qos1_into_a_late_amqp_receiver_delivers_everything_acknowledged(
@@ -296,13 +260,13 @@ def test_mqtt_qos1_into_a_late_amqp_receiver_delivers_everything_acknowledged(
                 publisher.publish("late/x", number)
             # The link queue is full and MQTT 3.1.1 cannot say "refused": the publisher is held,
             # so what it was acknowledged is what the queue holds.
-            pump([consumer], lambda: held_publishers(gw) == 1 and publisher.count() > 0)
-            assert publisher.count() < total
+            pump([consumer], lambda: held_publishers(gw) == 1 and len(publisher.acked) > 0)
+            assert len(publisher.acked) < total
             acked_while_held = set(publisher.acked)
             # The receiver starts late: everything acknowledged (then everything) arrives, in order.
             got: list[int] = []
             receiver.link.flow(total)
-            pump([consumer], lambda: len(got) == total and publisher.count() == total,
+            pump([consumer], lambda: len(got) == total and len(publisher.acked) == total,
                  step=lambda: take_ready(receiver, got), timeout=30)
         finally:
             publisher.stop()

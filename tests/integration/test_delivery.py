@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.conftest import ROOT_USER, loopback_config
 from tests.gateway_process import GatewayProcess
 from tests.gateway_thread import GatewayThread
-from tests.paho_client import PahoClient
+from tests.paho_client import AckCounter, PahoClient
 
 AMQP091 = {"amqp091": {"plain": {"addr": "127.0.0.1:0"}}}
 
@@ -57,36 +57,6 @@ def metric(port: int, name: str) -> float:
     return total
 
 
-class AckCounter:
-    """A paho publisher that knows which of its QoS 1 messages were PUBACKed, publishing without waiting."""
-
-    def __init__(self, port: int, password: str, client_id: str) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                  reconnect_on_failure=False)
-        self.client.username_pw_set(ROOT_USER, password)
-        self.client.max_inflight_messages_set(100)
-        self.client.max_queued_messages_set(0)
-        self._sent: list[tuple[int, mqtt.MQTTMessageInfo]] = []
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    @property
-    def acked(self) -> set[int]:
-        # is_published() turns true when the PUBACK arrived, never before.
-        return {number for number, info in self._sent if info.is_published()}
-
-    def publish(self, topic: str, number: int) -> None:
-        self._sent.append((number, self.client.publish(topic, str(number).encode(), qos=1)))
-
-    def wait_acked(self, count: int, timeout: float = 30.0) -> set[int]:
-        deadline = time.monotonic() + timeout
-        while len(acked := self.acked) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return acked
-
-    def stop(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 # -- slow and stuck consumers --------------------------------------------------------------------------
