@@ -5,6 +5,11 @@ list of operations, one append each); at most one batch is being committed
 at a time, and the next one gathers meanwhile, so under load every commit
 carries many writes. A message added and removed before its batch was handed
 over (delivered and acknowledged in the meantime) is never written at all.
+While consumers acknowledge that fast (RabbitMQ's message store works the
+same way), a batch is held up to GATHER for their acknowledgements, and
+handed over at once when none of its writes is left; when they do not, a
+batch is handed over at once and a lone publisher waits for nothing more than
+its commit.
 
 Durability, by `storage.fsync`:
 - `always`: each commit is fsynced (`synchronous=FULL`) before the batch's
@@ -53,6 +58,9 @@ FSYNC_INTERVAL = 1.0
 #: itself (a WAL append, tens of microseconds) instead of crossing to the writer thread and
 #: back, which costs more than the commit; larger batches and every fsync go to the thread.
 INLINE_OPS = 16
+#: While consumers acknowledge messages within about a commit of their write, a batch waits at most this
+#: long after its first write for their acknowledgements (each cancels a write).
+GATHER = 0.002
 #: A failed commit is tried again after this long (doubling up to the cap).
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0
 
@@ -66,6 +74,7 @@ _SCHEMA = (
 )
 _INSERT = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM messages WHERE id = ?"
+_DELETE_RANGE = "DELETE FROM messages WHERE id >= ? AND id <= ?"
 
 # Operations of a batch: tuples whose first item says which.
 _ADD, _REMOVE, _PUT_QUEUE, _DELETE_QUEUE, _PUT_RETAINED, _DELETE_RETAINED, _READ, _RENUMBER, _REMOVE_AFTER = range(9)
@@ -76,10 +85,14 @@ _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "never": "OFF"}
 class _Batch:
     """Writes gathered on the loop until the writer thread takes them."""
 
-    __slots__ = ("token", "ops", "adds", "callbacks")
+    __slots__ = ("token", "started", "live", "ops", "adds", "callbacks")
 
     def __init__(self, token: int) -> None:
         self.token = token
+        #: loop.time() of the first write or wait; 0.0 while the batch is empty.
+        self.started = 0.0
+        #: Operations still to write (`ops` less the cancelled ones).
+        self.live = 0
         #: In order; a cancelled add becomes None.
         self.ops: list[tuple[Any, ...] | None] = []
         #: rowid -> index in `ops` of an add not yet handed over (for cancelling it).
@@ -106,7 +119,13 @@ class SQLiteStore(Store):
         self._batch = _Batch(1)
         #: The batch the writer thread holds, if any.
         self._busy: _Batch | None = None
-        self._handoff_scheduled = False
+        #: The last committed batch: a remove of one of its rows is a quick acknowledgement too.
+        self._last: _Batch = _Batch(0)
+        self._handoff_handle: asyncio.Handle | None = None
+        #: Writes cancelled or removed within about a commit since the last handoff, and whether
+        #: the open batch waits (GATHER) for more of them.
+        self._quick_acks = 0
+        self._gathering = False
         self._committed = 0
         self._qids: dict[str, int] = {}
         self._free_qids: list[int] = []
@@ -194,10 +213,24 @@ class SQLiteStore(Store):
         return qid
 
     def _add_op(self, op: tuple[Any, ...]) -> None:
-        self._batch.ops.append(op)
-        if self._busy is None and not self._handoff_scheduled:
-            self._handoff_scheduled = True
-            self._loop.call_soon(self._handoff)  # type: ignore[union-attr]
+        batch = self._batch
+        batch.ops.append(op)
+        batch.live += 1
+        if not batch.started:
+            batch.started = self._loop.time()  # type: ignore[union-attr]
+            if self._busy is None:
+                self._schedule_handoff(GATHER if self._gathering else 0.0)
+
+    def _cancel(self, batch: _Batch, rowid: int) -> None:
+        """Drop the add of `rowid` from the open batch: it will never be written."""
+        batch.ops[batch.adds.pop(rowid)] = None
+        batch.live -= 1
+
+    def _schedule_handoff(self, delay: float) -> None:
+        if self._handoff_handle is None:
+            loop = self._loop
+            assert loop is not None
+            self._handoff_handle = loop.call_later(delay, self._handoff) if delay > 0 else loop.call_soon(self._handoff)
 
     def put_queue(self, key: str, meta: Mapping[str, Any]) -> None:
         self._add_op((_PUT_QUEUE, key, self._qid(key), json.dumps(meta, separators=(",", ":"))))
@@ -210,7 +243,7 @@ class SQLiteStore(Store):
         low, high = qid << SEQ_BITS, (qid + 1) << SEQ_BITS
         # Adds of this queue still in the open batch are simply not written.
         for rowid in [r for r in batch.adds if low <= r < high]:
-            batch.ops[batch.adds.pop(rowid)] = None
+            self._cancel(batch, rowid)
         self._add_op((_DELETE_QUEUE, key, qid))
         # The number is free again once the rows are gone (after this batch).
         batch.callbacks.append(lambda: self._free_qids.append(qid))
@@ -228,7 +261,7 @@ class SQLiteStore(Store):
         batch = self._batch
         low, high = qid << SEQ_BITS | seq, (qid + 1) << SEQ_BITS
         for rowid in [r for r in batch.adds if low < r < high]:
-            batch.ops[batch.adds.pop(rowid)] = None
+            self._cancel(batch, rowid)
         self._add_op((_REMOVE_AFTER, low, high))
 
     def renumber(self, key: str) -> None:
@@ -246,12 +279,21 @@ class SQLiteStore(Store):
             return
         rowid = qid << SEQ_BITS | seq
         batch = self._batch
-        index = batch.adds.pop(rowid, None)
-        if index is not None:
+        if rowid in batch.adds:
             # Delivered and acknowledged before it was ever written: write nothing.
-            batch.ops[index] = None
+            self._cancel(batch, rowid)
             self.writes_cancelled += 1
+            self._quick_acks += 1
+            if not batch.live and self._busy is None and self._handoff_handle is not None:
+                # Nothing left to wait for: what waits on this batch need not wait longer.
+                self._handoff_handle.cancel()
+                self._handoff_handle = None
+                self._schedule_handoff(0.0)
             return
+        busy = self._busy
+        if rowid in self._last.adds or (busy is not None and rowid in busy.adds):
+            # Written a moment ago: had the batch waited a little, this write would not have been needed.
+            self._quick_acks += 1
         self._add_op((_REMOVE, rowid))
 
     def put_retained(self, message: Message) -> None:
@@ -287,20 +329,30 @@ class SQLiteStore(Store):
         if busy is not None and busy.token == token:
             busy.callbacks.append(callback)
             return
-        self._batch.callbacks.append(callback)
-        if self._busy is None and not self._handoff_scheduled:
-            # Nothing else would hand the batch over (e.g. a wait with no write in it).
-            self._handoff_scheduled = True
-            self._loop.call_soon(self._handoff)  # type: ignore[union-attr]
+        batch = self._batch
+        batch.callbacks.append(callback)
+        if not batch.started:
+            # A wait with no write in the batch: nothing to gather for.
+            batch.started = self._loop.time()  # type: ignore[union-attr]
+            if self._busy is None:
+                self._schedule_handoff(0.0)
 
     def _handoff(self) -> None:
         """Give the open batch to the writer thread (or commit a small one here) and open the next one."""
-        self._handoff_scheduled = False
+        self._handoff_handle = None
         batch = self._batch
-        if self._busy is not None or (not batch.ops and not batch.callbacks):
+        if self._busy is not None or not batch.started:
             return
         self._busy = batch
         self._batch = _Batch(batch.token + 1)
+        if batch.ops:
+            # A batch of waits only says nothing about how fast consumers acknowledge.
+            self._gathering = self._quick_acks > 0
+            self._quick_acks = 0
+        if not batch.live:
+            # Nothing to write (every add was cancelled, or only waits): committed as it stands.
+            self._done(batch, [], None)
+            return
         conn = self._conn
         if conn is not None and len(batch.ops) <= INLINE_OPS:
             try:
@@ -333,6 +385,8 @@ class SQLiteStore(Store):
         self.failing = False
         self._failures = 0
         self._busy = None
+        if batch.live:
+            self._last = batch
         self._committed = batch.token
         self.commits += 1
         for reader, entries in reads:
@@ -342,8 +396,10 @@ class SQLiteStore(Store):
                 callback()
             except Exception:
                 log.exception("a store commit callback failed")
-        if self._batch.ops or self._batch.callbacks:
-            self._handoff()
+        following = self._batch
+        if following.started:
+            delay = following.started + GATHER - self._loop.time() if following.live and self._gathering else 0.0  # type: ignore[union-attr]
+            self._schedule_handoff(delay)
 
     # -- the writer thread ---------------------------------------------------------------------
 
@@ -443,7 +499,7 @@ class SQLiteStore(Store):
     def _apply(self, conn: sqlite3.Connection, batch: _Batch) -> list[tuple[Callable[[list[StoredEntry]], None], list[StoredEntry]]]:
         """Write one batch in one transaction, keeping the order of everything but single-row writes."""
         adds: list[tuple[Any, ...]] = []
-        removes: list[tuple[int]] = []
+        removes: list[int] = []
         reads: list[tuple[Callable[[list[StoredEntry]], None], list[StoredEntry]]] = []
 
         def segment() -> None:
@@ -454,7 +510,12 @@ class SQLiteStore(Store):
                 self.rows_written += len(adds)
                 adds.clear()
             if removes:
-                conn.executemany(_DELETE, removes)
+                # Consumers acknowledge mostly in order: one statement per run of consecutive rows.
+                singles, runs = _runs(removes)
+                if singles:
+                    conn.executemany(_DELETE, singles)
+                if runs:
+                    conn.executemany(_DELETE_RANGE, runs)
                 removes.clear()
 
         for op in batch.ops:
@@ -467,7 +528,7 @@ class SQLiteStore(Store):
                 adds.append((rowid, message_kind, message.topic, message.payload, message.qos, message.retain,
                              meta, extra))
             elif kind == _REMOVE:
-                removes.append((op[1],))
+                removes.append(op[1])
             else:
                 segment()
                 if kind == _PUT_QUEUE:
@@ -499,6 +560,30 @@ class SQLiteStore(Store):
 
 
 _IDLE: Any = object()
+
+
+def _runs(rowids: list[int]) -> tuple[list[tuple[int]], list[tuple[int, int]]]:
+    """Distinct rowids as (single rows, (first, last) of each run of two or more consecutive ones)."""
+    singles: list[tuple[int]] = []
+    runs: list[tuple[int, int]] = []
+    ordered = sorted(rowids)
+    first = last = ordered[0]
+    for rowid in ordered[1:]:
+        if rowid == last + 1:
+            last = rowid
+            continue
+        if rowid == last:
+            continue
+        if first == last:
+            singles.append((first,))
+        else:
+            runs.append((first, last))
+        first = last = rowid
+    if first == last:
+        singles.append((first,))
+    else:
+        runs.append((first, last))
+    return singles, runs
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -21,6 +21,7 @@ from gateway.queues import DROP_OLDEST, STORED, MemoryBudget, MessageQueue, Queu
 from gateway.store import open_store
 from gateway.store.base import Snapshot, StoredEntry, decode_message, encode_message, register_message_type
 from gateway.store.memory import MemoryStore
+from gateway.store import sqlite as sqlite_store
 from gateway.store.sqlite import DB_NAME, MAX_SEQ, SQLiteStore
 from gateway.config_types import StorageConfig
 
@@ -172,6 +173,78 @@ async def test_a_remove_of_an_add_in_the_open_batch_writes_nothing(tmp_path: Pat
     assert store.writes_cancelled == 1 and await read(store, "q") == []
     assert rows_on_disk(tmp_path) == 0
     await store.aclose()
+
+
+async def _idle(turns: int = 20) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_a_batch_waits_for_acknowledgements_only_while_consumers_acknowledge_quickly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wait far longer than a few turns of the loop (which is all a batch that does not wait takes).
+    monkeypatch.setattr(sqlite_store, "GATHER", 1.0)
+    store, _ = await opened(tmp_path)
+    store.put_queue("q", {})
+    # Nobody acknowledges: each batch is handed over at once.
+    store.add_message("q", 1, m("1"), 0)
+    await asyncio.wait_for(store.committed(), 0.5)
+    # A consumer acknowledges what was written a moment ago: that write could have been saved...
+    store.remove_message("q", 1)
+    await asyncio.wait_for(store.committed(), 0.5)
+    # ...so the next batch waits for acknowledgements,
+    token = store.token
+    store.add_message("q", 2, m("2"), 0)
+    store.add_message("q", 3, m("3"), 0)
+    await _idle()
+    assert store._committed < token
+    store.remove_message("q", 2)
+    await _idle()
+    assert store._committed < token
+    # and is committed at once when none of its writes is left: what waited on it need not wait longer.
+    store.remove_message("q", 3)
+    await asyncio.wait_for(store.committed(token), 0.5)
+    assert store.writes_cancelled == 2 and rows_on_disk(tmp_path) == 0
+    # That batch had quick acknowledgements: the next one waits too (GATHER, then it is written)...
+    token = store.token
+    store.add_message("q", 4, m("4"), 0)
+    await _idle()
+    assert store._committed < token
+    await asyncio.wait_for(store.committed(token), 5)
+    assert rows_on_disk(tmp_path) == 1
+    # ...and, nothing acknowledged quickly meanwhile, the one after it is handed over at once again.
+    store.add_message("q", 5, m("5"), 0)
+    await asyncio.wait_for(store.committed(), 0.5)
+    assert rows_on_disk(tmp_path) == 2
+    await store.aclose()
+
+
+async def test_consecutive_removes_delete_exactly_their_rows(tmp_path: Path) -> None:
+    store, _ = await opened(tmp_path)
+    store.put_queue("q", {})
+    store.put_queue("r", {})
+    for seq in range(1, 11):
+        store.add_message("q", seq, m(f"q{seq}"), 0)
+        store.add_message("r", seq, m(f"r{seq}"), 0)
+    await store.committed()
+    for seq in (3, 2, 4, 5, 7, 9, 10):
+        store.remove_message("q", seq)
+    await store.committed()
+    assert [seq for seq, _, _ in await read(store, "q")] == [1, 6, 8]
+    assert [seq for seq, _, _ in await read(store, "r")] == list(range(1, 11))
+    await store.aclose()
+
+
+@given(st.lists(st.integers(0, 40), min_size=1))
+def test_runs_cover_exactly_the_rowids(rowids: list[int]) -> None:
+    singles, runs = sqlite_store._runs(rowids)
+    covered = [rowid for (rowid,) in singles] + [r for first, last in runs for r in range(first, last + 1)]
+    assert sorted(covered) == sorted(set(rowids))
+    assert all(last > first for first, last in runs)
+    # Maximal runs: no two pieces touch.
+    pieces = sorted([(rowid, rowid) for (rowid,) in singles] + runs)
+    assert all(b[0] > a[1] + 1 for a, b in zip(pieces, pieces[1:]))
 
 
 async def test_when_committed_runs_after_the_commit(tmp_path: Path) -> None:
