@@ -88,13 +88,13 @@ def test_options_and_arguments():
 @needs_cli
 def test_hotpath_short_run_compares_a_checkout_with_this_tree(tmp_path):
     # This tree stands in for the base checkout: the run needs a tree, not a particular one.
-    options = hotpath_bench.HotpathOptions(base=REPO, brokers=(peers.POLYGATE_NONE,), variants=("base", "memory"),
+    options = hotpath_bench.HotpathOptions(base=REPO, brokers=(peers.POLYGATE_NONE,), variants=("base", "paced", "memory"),
                                            qos_levels=(1,), sizes=(100,), rounds=1, messages=500,
                                            warmup_messages=50, warmup_seconds=1.0, seconds=1.0)
     report = hotpath_bench.run(options, keep_dir=tmp_path)
 
     assert not report.skipped, report.skipped
-    assert [(r.variant, r.rounds) for r in report.rows] == [("base", 1), ("memory", 1)]
+    assert [(r.variant, r.rounds) for r in report.rows] == [("base", 1), ("paced", 1), ("memory", 1)]
     assert report.rows[1].vs_base is not None or report.rows[0].cpu_us_per_msg == 0
     assert len(report.targets) == 1
     assert "vs base" in hotpath_bench.format_report(report)
