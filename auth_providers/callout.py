@@ -32,6 +32,7 @@ from prometheus_client.utils import floatToGoString
 from gateway.config_types import AuthConfig
 from gateway.errors import ProviderError, ProviderUnavailable
 from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Identity, Outcome, Protocol, Secret
+from gateway.logging_setup import username_tag
 from gateway.providers import ProviderContext
 
 log = logging.getLogger("polygate.auth.callout")
@@ -211,12 +212,15 @@ class CalloutProvider:
         return self.transport.ready()
 
     async def authenticate(self, event: AuthEvent) -> Decision:
+        # FluxMQ's contract has no certificate field: a verified certificate's identity is sent
+        # as the username when the client sent none (DESIGN.md, "Transport security").
+        username = event.username or event.tls_identity
         request = AuthnRequest(
-            client_id=event.client_id, username=event.username, password=event.secret, protocol=event.protocol
+            client_id=event.client_id, username=username, password=event.secret, protocol=event.protocol
         )
         answer = await self._call("authenticate", lambda: self.transport.authenticate(request), event)
         if answer.granted:
-            identity = Identity(external_id=answer.external_id or event.client_id, username=event.username)
+            identity = Identity(external_id=answer.external_id or event.client_id, username=username)
             return Decision(
                 outcome=Outcome.ALLOW,
                 identity=identity,
@@ -251,7 +255,9 @@ class CalloutProvider:
             self._count(method, Outcome.UNAVAILABLE, started)
             log.debug(
                 "callout %s client=%r user=%r: unavailable: %s",
-                method, event.client_id, event.username, scrub(str(exc), event.secret),
+                # Unchecked credentials: the "username" may be a password typed into the wrong field.
+                method, event.client_id, username_tag(event.username) if method == "authenticate" else event.username,
+                scrub(str(exc), event.secret),
             )
             raise
         except Exception:
@@ -262,7 +268,9 @@ class CalloutProvider:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "callout %s client=%r user=%r topic=%r: %s reason_code=%d reason=%r",
-                method, event.client_id, event.username, event.topic, outcome.value,
+                method, event.client_id,
+                username_tag(event.username) if method == "authenticate" and not answer.granted else event.username,
+                event.topic, outcome.value,
                 answer.reason_code, scrub(answer.reason, event.secret),
             )
         return answer

@@ -5,9 +5,11 @@ offers the synchronous fast path `authorize_now`. A background task notices
 changes made by the CLI (or another process) within one poll interval, reloads
 the snapshot and asks the dispatcher to drop its cached answers.
 
-Password checks (Argon2id, ~20-40 ms) run on a small thread pool, never on the
-event loop; an unknown username is checked against a dummy hash so the answer
-takes as long as for a wrong password.
+Password checks (Argon2id, ~20-40 ms) run on a pool sized to the cores, taken
+in turns by source IP, never on the event loop (`password_checks`); a check
+waits up to `auth.local.max_wait` and is then answered "busy", never cut short
+by `auth.timeout`. An unknown username is checked against a dummy hash so the
+answer takes as long as for a wrong password.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from auth_providers.acl import AclChecker, AclEntry, AllowAll, CompiledAcl, DenyAll
-from auth_providers.local_store import ANONYMOUS, LocalStore, StoreSnapshot, UserRecord, hash_password, verify_password
+from auth_providers.fair_pool import PoolBusy, PoolClosed
+from auth_providers.local_store import ANONYMOUS, LocalStore, StoreSnapshot, UserRecord, certificate_user
+from auth_providers.password_checks import PasswordChecker
 from gateway.errors import ProviderError, StoreError
 from gateway.events import Action, AuthEvent, Decision, Identity, Secret
 from gateway.providers import ProviderContext
@@ -33,6 +39,7 @@ from gateway.providers import ProviderContext
 log = logging.getLogger("polygate.auth.local")
 
 BAD_CREDENTIALS = "bad username or password"
+BUSY = "auth provider 'local' is busy: no password check could start within auth.local.max_wait"
 ANONYMOUS_IDENTITY = Identity(external_id=ANONYMOUS, username=ANONYMOUS)
 DEFAULT_ROOT_USERNAME = "root"
 #: Compiled ACLs kept per (user, client id); cleared at every reload.
@@ -50,6 +57,8 @@ class _View:
     revision: int
     users: Mapping[str, UserRecord]
     entries: Mapping[str, tuple[AclEntry, ...]]
+    #: Users by certificate identity.
+    certificates: Mapping[str, UserRecord]
 
     @staticmethod
     def of(snapshot: StoreSnapshot) -> _View:
@@ -60,6 +69,7 @@ class _View:
             revision=snapshot.revision,
             users=snapshot.users,
             entries=MappingProxyType({name: tuple(rows) for name, rows in entries.items()}),
+            certificates=snapshot.certificates,
         )
 
 
@@ -68,29 +78,34 @@ class LocalProvider:
     decisions_depend_on_client_id = True
     #: Seconds between two checks of the store's revision.
     poll_interval: float = 0.5
+    #: A CONNECT's answer depends on the username, password and certificate only: cached across connections.
+    authentication_depends_on_client = False
 
     def __init__(self, context: ProviderContext) -> None:
         self._context = context
         self._config = context.auth.local
         self._store: LocalStore | None = None
-        # One thread owns the SQLite connection; two verify passwords (argon2 releases the GIL).
+        # One thread owns the SQLite connection; a pool sized to the cores verifies passwords.
         self._store_executor: ThreadPoolExecutor | None = None
-        self._hash_executor: ThreadPoolExecutor | None = None
+        self._passwords: PasswordChecker | None = None
+        #: Answers come from this process: the dispatcher applies no auth.timeout and no breaker.
+        self.in_process_wait = self._config.max_wait
+        if context.metrics is not None:
+            context.metrics.add_collector(self._collect_password_checks)
         self._view: _View | None = None
         self._compiled: dict[tuple[str, str], AclChecker] = {}
-        self._dummy_hash = ""
         self._watch_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         self._store_executor = ThreadPoolExecutor(1, thread_name_prefix="polygate-local-store")
-        self._hash_executor = ThreadPoolExecutor(2, thread_name_prefix="polygate-argon2")
+        self._passwords = PasswordChecker(self._config.argon2, max_wait=self._config.max_wait)
         path = self._config.db
         try:
             self._store = await self._in_store_thread(lambda: LocalStore(path))
             await self._bootstrap_root()
-            self._dummy_hash = await self._in_hash_thread(lambda: hash_password(Secret(secrets.token_bytes(16))))
+            await self._passwords.start()
             snapshot = await self._in_store_thread(self._store.snapshot)
         except StoreError as exc:
             await self.aclose()
@@ -118,10 +133,11 @@ class LocalProvider:
         store, self._store = self._store, None
         if store is not None and self._store_executor is not None:
             await self._in_store_thread(store.close)
-        for executor in (self._store_executor, self._hash_executor):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
-        self._store_executor = self._hash_executor = None
+        if self._store_executor is not None:
+            self._store_executor.shutdown(wait=False, cancel_futures=True)
+        if self._passwords is not None:
+            self._passwords.shutdown()
+        self._store_executor = self._passwords = None
 
     def ready(self) -> bool:
         return self._view is not None
@@ -217,11 +233,17 @@ class LocalProvider:
             raise StoreError("the local auth store is closed")
         return await asyncio.get_running_loop().run_in_executor(executor, work)
 
-    async def _in_hash_thread(self, work: Callable[[], _T]) -> _T:
-        executor = self._hash_executor
-        if executor is None:
-            raise StoreError("the local auth store is closed")
-        return await asyncio.get_running_loop().run_in_executor(executor, work)
+    def _collect_password_checks(self) -> Iterable[Metric]:
+        passwords = self._passwords
+        checks = CounterMetricFamily("polygate_local_password_checks", "Argon2 password verifications run")
+        busy = CounterMetricFamily(
+            "polygate_local_password_busy", "Password checks answered busy: no worker free within auth.local.max_wait"
+        )
+        waiting = GaugeMetricFamily("polygate_local_password_waiting", "Password checks waiting for a worker now")
+        checks.add_metric([], passwords.verifications if passwords else 0)
+        busy.add_metric([], passwords.pool.busy if passwords else 0)
+        waiting.add_metric([], passwords.pool.waiting if passwords else 0)
+        return [checks, busy, waiting]
 
     # -- authentication -------------------------------------------------------
 
@@ -229,16 +251,32 @@ class LocalProvider:
         view = self._view
         if view is None:
             return Decision.unavailable(_NOT_STARTED)
+        # A verified certificate of a user's identity needs no password (and no Argon2 work);
+        # any other certificate, or none, leaves the decision to the password.
+        by_certificate = certificate_user(view.certificates, event.username, event.tls_identity)
+        if by_certificate is not None:
+            return Decision.allow(
+                Identity(
+                    external_id=by_certificate.username,
+                    username=by_certificate.username,
+                    superuser=by_certificate.superuser,
+                )
+            )
         if not event.username:
             if self._config.allow_anonymous:
                 return Decision.allow(ANONYMOUS_IDENTITY)
             return Decision.deny("anonymous clients are not allowed")
         user = view.users.get(event.username)
-        phc = user.password_hash if user is not None else self._dummy_hash
-        secret = event.secret
+        passwords = self._passwords
+        if passwords is None:
+            return Decision.unavailable(_NOT_STARTED)
         try:
-            matched = await self._in_hash_thread(lambda: verify_password(phc, secret))
-        except (StoreError, RuntimeError):  # closed, or shut down while we waited
+            matched = await passwords.check(
+                event.username, user.password_hash if user is not None else None, event.secret, peer=event.peer
+            )
+        except PoolBusy:
+            return Decision.unavailable(BUSY)
+        except (PoolClosed, RuntimeError):  # shut down while we waited
             return Decision.unavailable(_NOT_STARTED)
         if not matched or user is None:
             return Decision.deny(BAD_CREDENTIALS)

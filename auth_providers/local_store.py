@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import unicodedata
@@ -42,14 +43,24 @@ MAX_USERNAME_LENGTH = 256
 #: Milliseconds a writer waits for another process (the CLI, a gateway) to finish.
 BUSY_TIMEOUT_MS = 5000
 
+#: One certificate identity logs in one user: two would make the login depend on the lookup order.
+_CERT_IDENTITY_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS users_cert_identity ON users (cert_identity) WHERE cert_identity IS NOT NULL"
+)
+#: `users` columns in the order `_user` reads them.
+_USER_COLUMNS = "username, password_hash, superuser, created_at, cert_identity"
+MAX_CERT_IDENTITY_LENGTH = 1024
+
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     """CREATE TABLE users (
         username TEXT PRIMARY KEY,
         password_hash TEXT NOT NULL,
         superuser INTEGER NOT NULL DEFAULT 0 CHECK (superuser IN (0, 1)),
-        created_at TEXT NOT NULL
+        created_at TEXT NOT NULL,
+        cert_identity TEXT
     )""",
+    _CERT_IDENTITY_INDEX,
     """CREATE TABLE acl (
         username TEXT NOT NULL,
         pattern TEXT NOT NULL,
@@ -103,6 +114,9 @@ class UserRecord:
     superuser: bool = False
     #: ISO 8601, UTC.
     created_at: str = ""
+    #: A verified client certificate with this identity (`auth.mtls_identity`) logs this user in
+    #: without a password; "" when none does.
+    cert_identity: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +126,8 @@ class StoreSnapshot:
     revision: int
     users: Mapping[str, UserRecord]
     acl: tuple[AclEntry, ...]
+    #: Users by certificate identity (only those that have one).
+    certificates: Mapping[str, UserRecord] = field(default_factory=lambda: MappingProxyType({}))
 
 
 _T = TypeVar("_T")
@@ -125,8 +141,10 @@ def _entry(row: tuple[str, str, str, int]) -> AclEntry:
     return AclEntry(username=row[0], pattern=row[1], ops=frozenset(row[2].split(",")), deny=bool(row[3]))
 
 
-def _user(row: tuple[str, str, int, str]) -> UserRecord:
-    return UserRecord(username=row[0], password_hash=row[1], superuser=bool(row[2]), created_at=row[3])
+def _user(row: tuple[str, str, int, str, str | None]) -> UserRecord:
+    return UserRecord(
+        username=row[0], password_hash=row[1], superuser=bool(row[2]), created_at=row[3], cert_identity=row[4] or ""
+    )
 
 
 def _create_private_file(path: str) -> None:
@@ -226,6 +244,7 @@ class LocalStore:
                             f"the auth database {self.path!r} has schema version {version}; "
                             f"this polygate knows version {SCHEMA_VERSION} (newer databases need a newer polygate)"
                         )
+                    _add_cert_identity_column(self._conn)
                 self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
@@ -234,14 +253,41 @@ class LocalStore:
 
     # -- users ----------------------------------------------------------------
 
-    def add_user(self, username: str, password: Secret, superuser: bool = False) -> None:
+    def add_user(
+        self, username: str, password: Secret | None, superuser: bool = False, cert_identity: str = ""
+    ) -> None:
+        """Add a user; `password` None (only with `cert_identity`) makes it a certificate-only user."""
         check_new_username(username)
-        phc = hash_password(password)
+        if cert_identity:
+            validate_cert_identity(cert_identity)
+        if password is None and not cert_identity:
+            raise StoreError("a user without a password needs a certificate identity")
+        # A certificate-only user gets a hash of a secret nobody knows: every password check
+        # then fails the ordinary way, in the ordinary time.
+        phc = hash_password(password if password is not None else Secret(secrets.token_bytes(32)))
 
         def work(conn: sqlite3.Connection) -> None:
             if _user_exists(conn, username):
                 raise StoreError(f"user {username!r} already exists; use `users passwd` to change its password")
+            if cert_identity:
+                _check_cert_identity_free(conn, cert_identity, username)
             _insert_user(conn, username, phc, superuser)
+            if cert_identity:
+                conn.execute("UPDATE users SET cert_identity = ? WHERE username = ?", (cert_identity, username))
+
+        self._write(work)
+
+    def set_cert_identity(self, username: str, cert_identity: str | None) -> None:
+        """Give a user the certificate identity that logs it in without a password; None clears it."""
+        if cert_identity is not None:
+            validate_cert_identity(cert_identity)
+
+        def work(conn: sqlite3.Connection) -> None:
+            if not _user_exists(conn, username):
+                raise StoreError(_no_user(username))
+            if cert_identity is not None:
+                _check_cert_identity_free(conn, cert_identity, username)
+            conn.execute("UPDATE users SET cert_identity = ? WHERE username = ?", (cert_identity, username))
 
         self._write(work)
 
@@ -297,10 +343,7 @@ class LocalStore:
 
     def get_user(self, username: str) -> UserRecord | None:
         def work(conn: sqlite3.Connection) -> UserRecord | None:
-            row = conn.execute(
-                "SELECT username, password_hash, superuser, created_at FROM users WHERE username = ?",
-                (username,),
-            ).fetchone()
+            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE username = ?", (username,)).fetchone()
             return _user(row) if row else None
 
         return self._read(work)
@@ -309,9 +352,7 @@ class LocalStore:
         return self._read(
             lambda conn: [
                 _user(row)
-                for row in conn.execute(
-                    "SELECT username, password_hash, superuser, created_at FROM users ORDER BY username"
-                )
+                for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY username")
             ]
         )
 
@@ -373,12 +414,12 @@ class LocalStore:
     def snapshot(self) -> StoreSnapshot:
         def work(conn: sqlite3.Connection) -> StoreSnapshot:
             revision = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0]
-            users = {
-                row[0]: _user(row)
-                for row in conn.execute("SELECT username, password_hash, superuser, created_at FROM users")
-            }
+            users = {row[0]: _user(row) for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users")}
             acl = tuple(_entry(row) for row in conn.execute("SELECT username, pattern, ops, deny FROM acl"))
-            return StoreSnapshot(revision=revision, users=MappingProxyType(users), acl=acl)
+            certificates = {user.cert_identity: user for user in users.values() if user.cert_identity}
+            return StoreSnapshot(
+                revision=revision, users=MappingProxyType(users), acl=acl, certificates=MappingProxyType(certificates)
+            )
 
         return self._read(work)
 
@@ -391,6 +432,48 @@ class LocalStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def validate_cert_identity(cert_identity: str) -> None:
+    if not cert_identity:
+        raise StoreError("a certificate identity must not be empty")
+    if len(cert_identity) > MAX_CERT_IDENTITY_LENGTH:
+        raise StoreError(f"a certificate identity must be at most {MAX_CERT_IDENTITY_LENGTH} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in cert_identity):
+        raise StoreError("a certificate identity must not contain control characters")
+
+
+def certificate_user(certificates: Mapping[str, UserRecord], username: str, tls_identity: str) -> UserRecord | None:
+    """The user a verified certificate logs in without a password, or None (the password decides).
+
+    A client that names a user must name the certificate's own user: a
+    certificate never logs in anyone else, and a user without a certificate
+    identity is never reached this way.
+    """
+    if not tls_identity:
+        return None
+    user = certificates.get(tls_identity)
+    if user is None or (username and username != user.username):
+        return None
+    return user
+
+
+def _add_cert_identity_column(conn: sqlite3.Connection) -> None:
+    """Bring a database made before certificate identities up to date (same schema version:
+    an older polygate still opens it and simply ignores the column)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+    if "cert_identity" not in columns:
+        conn.execute("ALTER TABLE users ADD COLUMN cert_identity TEXT")
+        log.info("auth database: added the users.cert_identity column")
+    conn.execute(_CERT_IDENTITY_INDEX)
+
+
+def _check_cert_identity_free(conn: sqlite3.Connection, cert_identity: str, username: str) -> None:
+    row = conn.execute(
+        "SELECT username FROM users WHERE cert_identity = ? AND username != ?", (cert_identity, username)
+    ).fetchone()
+    if row is not None:
+        raise StoreError(f"certificate identity {cert_identity!r} already belongs to user {row[0]!r}")
 
 
 def check_new_username(username: str) -> None:

@@ -63,6 +63,7 @@ from gateway.cache import TTLCache
 from gateway.errors import ConfigError, InvalidTopic, PolygateError, StoreError
 from gateway.frontends.tcp_listener import LISTEN_BACKLOG
 from gateway.events import Secret
+from gateway.logging_setup import username_tag
 from gateway.topics import filter_covers, topic_matches, validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.auth_server")
@@ -339,7 +340,8 @@ class AuthService:
         log.log(
             logging.DEBUG if answer.authenticated else logging.INFO,
             "authenticate username=%r client_id=%r protocol=%s: %s",
-            username,
+            # A refused "username" may be a password typed into the wrong field: only its tag.
+            username if answer.authenticated else username_tag(username),
             client_id,
             protocol or "unspecified",
             "ok" if answer.authenticated else answer.reason,
@@ -398,11 +400,13 @@ class AuthService:
         """
         user = self._by_username.get(username)
         if user is None or (user.client_ids and client_id not in user.client_ids):
-            reason = f"unknown user {username!r}" if user is None else (
+            # An unknown name is unchecked input (maybe a password): shown only as its tag.
+            shown = username_tag(username) if user is None else username
+            reason = f"unknown user {shown!r}" if user is None else (
                 f"client id {client_id!r} may not use the credentials of {username!r}")
             log.info(
                 "authorize username=%r client_id=%r %s %r: %s",
-                username,
+                shown,
                 client_id,
                 action or "(no action)",
                 topic,
@@ -680,7 +684,7 @@ def _add_rabbitmq_routes(app: web.Application, service: AuthService, calls: Coun
             return web.Response(status=400, text=str(exc))
         allowed = service.knows(username)
         log.log(logging.DEBUG if allowed else logging.INFO, "rabbitmq vhost username=%r vhost=%r: %s",
-                username, vhost_name, _RABBITMQ_ALLOW if allowed else "unknown user",
+                username if allowed else username_tag(username), vhost_name, _RABBITMQ_ALLOW if allowed else "unknown user",
                 extra={"event": "rabbitmq_vhost", "outcome": "allow" if allowed else "deny"})
         return answer(allowed)
 
@@ -694,7 +698,7 @@ def _add_rabbitmq_routes(app: web.Application, service: AuthService, calls: Coun
         # Queues and exchanges are RabbitMQ's plumbing for MQTT; topics are checked at topic_path.
         allowed = service.knows(username) and kind in _RABBITMQ_RESOURCES and permission in _RABBITMQ_PERMISSIONS
         log.log(logging.DEBUG if allowed else logging.INFO, "rabbitmq resource username=%r %s %r %s: %s",
-                username, kind, name, permission, _RABBITMQ_ALLOW if allowed else _RABBITMQ_DENY,
+                username if service.knows(username) else username_tag(username), kind, name, permission, _RABBITMQ_ALLOW if allowed else _RABBITMQ_DENY,
                 extra={"event": "rabbitmq_resource", "outcome": "allow" if allowed else "deny"})
         return answer(allowed)
 

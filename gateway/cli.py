@@ -30,6 +30,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(args.config or "<defaults>", exc.problems)
         return EXIT_CONFIG
+    from gateway.frontends.peers import warn_plaintext_passwords
+
+    warn_plaintext_passwords(config)
     try:
         return _run_loop(config)
     except ConfigError as exc:  # POLYGATE_EVENT_LOOP, checked as the loop is chosen
@@ -106,6 +109,29 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_gen_cert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.certs import DEFAULT_HOSTS, generate
+
+    try:
+        written = generate(Path(args.out), args.host or DEFAULT_HOSTS, args.client)
+    except (OSError, ValueError) as exc:
+        print(f"polygate gen-cert: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def _register_gen_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gen = sub.add_parser("gen-cert", help="make a development CA, a server certificate and client certificates")
+    gen.add_argument("--out", required=True, help="directory for the PEM files (an existing ca.pem/ca-key.pem is reused)")
+    gen.add_argument("--host", action="append", default=[], help="server name or IP address (repeat; default localhost, 127.0.0.1)")
+    gen.add_argument("--client", action="append", default=[], help="client certificate with CN=NAME (repeat)")
+    gen.set_defaults(handler=_cmd_gen_cert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polygate", description="Multi-protocol message gateway")
     parser.add_argument("--version", action="version", version=f"polygate {__version__}")
@@ -121,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and list every error")
     check.add_argument("file")
     check.set_defaults(handler=_cmd_check_config)
+    _register_gen_cert(sub)
 
     from gateway.cli_store import register
 

@@ -48,7 +48,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     add.add_argument("username", metavar="USER")
     add.add_argument("--superuser", action="store_true", help="may do everything; cannot be deleted")
+    add.add_argument(
+        "--cert-identity", metavar="VALUE", default="",
+        help="a verified client certificate with this identity (auth.mtls_identity) logs in without a password",
+    )
+    add.add_argument(
+        "--no-password", action="store_true", help="with --cert-identity: no password at all (certificate only)"
+    )
     add.set_defaults(handler=_users_add)
+    cert_identity = users_commands.add_parser(
+        "cert-identity", parents=[store_options], help="set (or --clear) the certificate identity of a user"
+    )
+    cert_identity.add_argument("username", metavar="USER")
+    cert_identity.add_argument("value", metavar="VALUE", nargs="?", help="the identity, e.g. the certificate's CN")
+    cert_identity.add_argument("--clear", action="store_true", help="no certificate logs this user in any more")
+    cert_identity.set_defaults(handler=_users_cert_identity)
     passwd = users_commands.add_parser(
         "passwd", parents=[store_options, password_options], help="change a user's password"
     )
@@ -171,10 +185,13 @@ def _users_add(args: argparse.Namespace) -> int:
         check_new_username(args.username)
         if store.get_user(args.username) is not None:
             raise StoreError(f"user {args.username!r} already exists; use `users passwd` to change its password")
-        password = _read_password(args, confirm=True)
-        store.add_user(args.username, password, superuser=args.superuser)
+        if args.no_password and not args.cert_identity:
+            raise _UsageError("--no-password needs --cert-identity: such a user could never log in")
+        password = None if args.no_password else _read_password(args, confirm=True)
+        store.add_user(args.username, password, superuser=args.superuser, cert_identity=args.cert_identity)
         kind = "superuser" if args.superuser else "user"
-        print(f"created {kind} {args.username!r} in {store.path}")
+        how = f" (certificate identity {args.cert_identity!r})" if args.cert_identity else ""
+        print(f"created {kind} {args.username!r}{how} in {store.path}")
 
     return _run(args, work)
 
@@ -185,6 +202,19 @@ def _users_passwd(args: argparse.Namespace) -> int:
             raise StoreError(f"no user {args.username!r}")
         store.set_password(args.username, _read_password(args, confirm=True))
         print(f"changed the password of {args.username!r}")
+
+    return _run(args, work)
+
+
+def _users_cert_identity(args: argparse.Namespace) -> int:
+    def work(store: LocalStore) -> None:
+        if args.clear == bool(args.value):
+            raise _UsageError("give either VALUE or --clear")
+        store.set_cert_identity(args.username, None if args.clear else args.value)
+        if args.clear:
+            print(f"cleared the certificate identity of {args.username!r}")
+        else:
+            print(f"{args.username!r} now logs in with a certificate of identity {args.value!r}")
 
     return _run(args, work)
 
@@ -203,8 +233,13 @@ def _users_list(args: argparse.Namespace) -> int:
         if not users:
             print(f"no users in {store.path}")
             return
-        rows = [(u.username, "yes" if u.superuser else "no", u.created_at) for u in users]
-        print(_table(("USER", "SUPERUSER", "CREATED"), rows))
+        rows: list[tuple[str, ...]] = [(u.username, "yes" if u.superuser else "no", u.created_at) for u in users]
+        headers: tuple[str, ...] = ("USER", "SUPERUSER", "CREATED")
+        if any(u.cert_identity for u in users):
+            # Only then: scripts reading the three columns keep working.
+            rows = [(*row, u.cert_identity or "-") for row, u in zip(rows, users)]
+            headers += ("CERT_IDENTITY",)
+        print(_table(headers, rows))
 
     return _run(args, work)
 

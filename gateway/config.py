@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from gateway.config_types import (
     TLSClientConfig,
     total_memory,
 )
+from gateway.config_types import Argon2Config, FailedLoginsConfig
 from gateway.errors import ConfigError
 from gateway.events import Protocol
 
@@ -97,11 +99,11 @@ class _ListenerKind:
 _LISTENER_KINDS: Final[Mapping[str, _ListenerKind]] = MappingProxyType(
     {
         "tcp": _ListenerKind("MQTT", ("plain", "tls", "mtls"), "tcp", "127.0.0.1:1883"),
-        "websocket": _ListenerKind("MQTT over WebSocket", ("plain", "tls"), "tcp", ""),
-        "http": _ListenerKind("HTTP", ("plain", "tls"), "tcp", "127.0.0.1:8080"),
+        "websocket": _ListenerKind("MQTT over WebSocket", ("plain", "tls", "mtls"), "tcp", ""),
+        "http": _ListenerKind("HTTP", ("plain", "tls", "mtls"), "tcp", "127.0.0.1:8080"),
         "coap": _ListenerKind("CoAP", ("plain",), "udp", "127.0.0.1:5683"),
-        "amqp": _ListenerKind("AMQP 1.0", ("plain", "tls"), "tcp", "127.0.0.1:5672"),
-        "amqp091": _ListenerKind("AMQP 0.9.1", ("plain", "tls"), "tcp", "127.0.0.1:5682"),
+        "amqp": _ListenerKind("AMQP 1.0", ("plain", "tls", "mtls"), "tcp", "127.0.0.1:5672"),
+        "amqp091": _ListenerKind("AMQP 0.9.1", ("plain", "tls", "mtls"), "tcp", "127.0.0.1:5682"),
     }
 )
 _DEFAULT_HEALTH_ADDR: Final = "127.0.0.1:8081"
@@ -533,15 +535,64 @@ def _protocols(reader: _Reader, path: str, raw: object) -> object:
     return MappingProxyType(result)
 
 
+def _cidrs(reader: _Reader, path: str, raw: object) -> object:
+    """A list of source networks ("10.0.0.0/8", "2001:db8::/32", a bare address is its /32 or /128)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        return reader.wrong_type(path, 'a list of networks such as ["10.0.0.0/8"]', raw)
+    networks = []
+    for index, item in enumerate(raw):
+        item_path = f"{path}[{index}]"
+        if not isinstance(item, str):
+            reader.wrong_type(item_path, 'a network such as "10.0.0.0/8"', item)
+            continue
+        try:
+            # strict: "10.0.0.1/8" is more likely a typo than a wish for 10.0.0.0/8.
+            networks.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            reader.problem(item_path, f"not a network ({exc})")
+    return tuple(networks)
+
+
 # --------------------------------------------------------------------------- listeners
 
-_CLIENT_AUTH: Final = ("require", "optional", "none")
+_CLIENT_AUTH: Final = ("none", "request", "require")
+#: Earlier spellings still read, so existing files keep working.
+_CLIENT_AUTH_SYNONYMS: Final[Mapping[str, str]] = MappingProxyType({"optional": "request"})
+_TLS_VERSIONS: Final = ("tls1.2", "tls1.3")
+
+
+def _client_auth(reader: _Reader, path: str, raw: object) -> object:
+    if isinstance(raw, str) and raw in _CLIENT_AUTH_SYNONYMS:
+        return _CLIENT_AUTH_SYNONYMS[raw]
+    return _choice(*_CLIENT_AUTH)(reader, path, raw)
+
+
+def _cipher_suites(reader: _Reader, path: str, raw: object) -> object:
+    """An OpenSSL cipher string, checked here so a typo stops `check-config`, not the first handshake."""
+    if not isinstance(raw, str):
+        return reader.wrong_type(path, "an OpenSSL cipher string such as ECDHE+AESGCM", raw)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(raw)
+    except (ssl.SSLError, ValueError, UnicodeError):  # ValueError: a NUL; UnicodeError: a lone surrogate
+        reader.problem(path, f"OpenSSL accepts no cipher in {_quote(raw)} (see `openssl ciphers`)")
+        return _INVALID
+    return raw
 
 
 def _listener_spec(kind: str, name: str) -> Mapping[str, Converter]:
-    spec: dict[str, Converter] = {"addr": _string, "max_connections": _integer(0)}
+    spec: dict[str, Converter] = {"addr": _string, "max_connections": _integer(0), "allowed_cidrs": _cidrs}
     if name in ("tls", "mtls"):
-        spec |= {"cert_file": _string, "key_file": _string, "ca_file": _string, "client_auth": _choice(*_CLIENT_AUTH)}
+        spec |= {
+            "cert_file": _string,
+            "key_file": _string,
+            "ca_file": _string,
+            "client_auth": _client_auth,
+            "min_version": _choice(*_TLS_VERSIONS),
+            "cipher_suites": _cipher_suites,
+            "self_signed": _boolean,
+        }
     if kind == "websocket":
         spec["path"] = _string
     return MappingProxyType(spec)
@@ -582,6 +633,7 @@ def _listener_block(kind: str, name: str) -> Callable[[_Reader, str, object], Li
             host=host,
             port=port,
             max_connections=values.get("max_connections", 0),
+            allowed_cidrs=values.get("allowed_cidrs", ()),
             **settings,
         )
 
@@ -590,22 +642,34 @@ def _listener_block(kind: str, name: str) -> Callable[[_Reader, str, object], Li
 
 def _tls_settings(reader: _Reader, path: str, name: str, given: Mapping[str, object], values: Mapping[str, Any]) -> dict[str, Any]:
     client_auth = values.get("client_auth", "require" if name == "mtls" else "none")
-    required = ["cert_file", "key_file"]
+    if name == "mtls" and client_auth != "require":
+        # An mtls block that lets clients in without a certificate would fail open.
+        reader.problem(_join(path, "client_auth"), "an mtls listener always requires client certificates (leave it out, or use a tls block)")
+    self_signed = values.get("self_signed", False)
+    required = [] if self_signed else ["cert_file", "key_file"]
     if name == "mtls" or client_auth != "none":
         required.append("ca_file")
     files: dict[str, str | None] = {}
     for key in ("cert_file", "key_file", "ca_file"):
         filename = values.get(key, "")
         key_path = _join(path, key)
-        if filename:
+        if filename and self_signed and key != "ca_file":
+            reader.problem(key_path, "not allowed with self_signed: true (the certificate is made at start)")
+        elif filename:
             reader.file(key_path, filename)
         elif key in required and (key not in given or key in values):
             why = "for a TLS listener" if key != "ca_file" else (
-                "for an mTLS listener" if name == "mtls" else f"when client_auth is {client_auth}"
+                "for an mTLS listener" if name == "mtls" else f"when client_auth is {given.get('client_auth')}"
             )
             reader.problem(key_path, f"required {why}")
         files[key] = filename or None
-    return {**files, "client_auth": client_auth}
+    return {
+        **files,
+        "client_auth": client_auth,
+        "min_version": values.get("min_version", "tls1.2"),
+        "cipher_suites": values.get("cipher_suites", ""),
+        "self_signed": self_signed,
+    }
 
 
 def _listener_group(kind: str) -> Converter:
@@ -732,6 +796,8 @@ _AUTH: Final[Mapping[str, Converter]] = MappingProxyType(
         "tls": _optional_section(TLSClientConfig(), _TLS_CLIENT),
         "max_inflight": _integer(1),
         "stale_if_error": _duration(),
+        "mtls_identity": _choice("common_name", "san_dns", "san_uri", "san_email"),
+        "require_tls_for_passwords": _boolean,
         "atom": _section(
             AtomConfig(),
             {
@@ -753,6 +819,12 @@ _AUTH: Final[Mapping[str, Converter]] = MappingProxyType(
                 "allow_anonymous": _boolean,
                 "root_username_env": _env_name,
                 "root_password_env": _env_name,
+                "max_wait": _duration(positive=True),
+                "argon2": _section(
+                    Argon2Config(),
+                    # argon2 needs at least 8 KiB per lane; 255 lanes is RFC 9106's practical cap here.
+                    {"memory": _size(minimum=8192), "time": _integer(1, 100), "parallelism": _integer(1, 255)},
+                ),
             },
         ),
     }
@@ -872,6 +944,11 @@ def _check_atom(reader: _Reader, auth: AuthConfig) -> None:
 def _check_local(reader: _Reader, auth: AuthConfig) -> None:
     if not auth.local.db:
         reader.problem("auth.local.db", "required when auth.provider is local")
+    argon2 = auth.local.argon2
+    if argon2.memory < 8192 * argon2.parallelism:
+        reader.problem(
+            "auth.local.argon2.memory", f"Argon2 needs at least 8KiB per lane: {8 * argon2.parallelism}KiB or more"
+        )
 
 
 _PROVIDER_CHECKS: Final[Mapping[str, Callable[[_Reader, AuthConfig], None]]] = MappingProxyType(
@@ -912,6 +989,7 @@ _RATELIMIT: Final[Mapping[str, Converter]] = MappingProxyType(
         "enabled": _boolean,
         "connection": _section(_RATELIMIT_DEFAULTS.connection, _RATE),
         "message": _section(_RATELIMIT_DEFAULTS.message, _RATE),
+        "subscribe": _section(_RATELIMIT_DEFAULTS.subscribe, _RATE),
     }
 )
 _LIMITS: Final[Mapping[str, Converter]] = MappingProxyType(
@@ -924,6 +1002,21 @@ _LIMITS: Final[Mapping[str, Converter]] = MappingProxyType(
         "max_queued_bytes": _size(minimum=1),
         "queue_overflow": _overflow,
         "memory_high_watermark": _watermark,
+        "max_connections_per_ip": _integer(0),
+        "max_subscriptions_per_client": _integer(0),
+        "allowed_cidrs": _cidrs,
+        "handshake_timeout": _duration(positive=True),
+        "fd_reserve": _integer(16),
+        "coap_uploads_per_ip": _integer(0),
+        "failed_logins": _section(
+            FailedLoginsConfig(),
+            {
+                "per_ip": _integer(0),
+                "per_username": _integer(0),
+                "window": _duration(positive=True),
+                "lockout": _duration(positive=True),
+            },
+        ),
     }
 )
 _STORAGE: Final[Mapping[str, Converter]] = MappingProxyType(

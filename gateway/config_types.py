@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gateway.events import Protocol
+
+IPNetwork = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,14 +32,22 @@ class ListenerConfig:
     cert_file: str | None = None
     key_file: str | None = None
     ca_file: str | None = None
-    #: "none" | "optional" | "require" (mTLS).
+    #: "none" | "request" | "require" (mTLS); the config's "optional" is read as "request".
     client_auth: str = "none"
     #: WebSocket path (server.websocket.*), e.g. "/mqtt".
     path: str = ""
+    #: Source networks this listener takes connections from; empty: any (limits.allowed_cidrs still applies).
+    allowed_cidrs: tuple[IPNetwork, ...] = ()
+    #: Lowest TLS version accepted: "tls1.2" | "tls1.3".
+    min_version: str = "tls1.2"
+    #: OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); "" keeps Python's defaults.
+    cipher_suites: str = ""
+    #: Serve a certificate made at start instead of cert_file/key_file (development only).
+    self_signed: bool = False
 
     @property
     def tls(self) -> bool:
-        return self.cert_file is not None
+        return self.cert_file is not None or self.self_signed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +98,31 @@ class LocalConfig:
     allow_anonymous: bool = False
     root_username_env: str = "POLYGATE_ROOT_USERNAME"
     root_password_env: str = "POLYGATE_ROOT_PASSWORD"
+    #: A connect waits this long for a worker to check its password before it is told "busy".
+    max_wait: float = 30.0
+    argon2: Argon2Config = field(default_factory=lambda: Argon2Config())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Argon2Config:
+    """Argon2id parameters of the hashes the gateway makes (OWASP's by default)."""
+
+    #: Bytes (written as a size, e.g. "19MiB").
+    memory: int = 19 * 1024 * 1024
+    time: int = 2
+    parallelism: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailedLoginsConfig:
+    """`limits.failed_logins`: refuse at once, for `lockout`, a source IP or a username that failed too often."""
+
+    #: Failed logins from one source IP within `window` that lock it out (0 = never).
+    per_ip: int = 20
+    #: Failed logins for one username, from any IP, within `window` that lock it out (0 = never).
+    per_username: int = 100
+    window: float = 60.0
+    lockout: float = 60.0
 
 
 def _all_protocols() -> Mapping[Protocol, bool]:
@@ -118,6 +154,11 @@ class AuthConfig:
     stale_if_error: float = 0.0
     atom: AtomConfig = field(default_factory=AtomConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    #: Which field of a verified client certificate is its identity (`AuthEvent.tls_identity`):
+    #: "common_name" | "san_dns" | "san_uri" | "san_email" (the first SAN of that kind).
+    mtls_identity: str = "common_name"
+    #: True: a password sent over a plaintext listener (CoAP counts as one) is refused.
+    require_tls_for_passwords: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +176,8 @@ class RatelimitConfig:
     connection: RateConfig = field(default_factory=lambda: RateConfig(rate=50.0, burst=200))
     #: Per client: messages published.
     message: RateConfig = field(default_factory=lambda: RateConfig(rate=500.0, burst=2000))
+    #: Per MQTT connection: topic filters subscribed (a client over it is slowed, not refused).
+    subscribe: RateConfig = field(default_factory=lambda: RateConfig(rate=100.0, burst=1000))
 
 
 def total_memory() -> int:
@@ -181,6 +224,21 @@ class LimitsConfig:
     max_inflight_messages: int = 100
     #: Retained messages kept by the router (0 = no cap).
     max_retained_messages: int = 100000
+    #: Open connections (and CoAP observations) from one source IP (IPv6: its /64), all listeners (0 = no cap).
+    max_connections_per_ip: int = 1000
+    #: Topic filters one MQTT client holds at once (0 = no cap); the next get SUBACK 0x80.
+    max_subscriptions_per_client: int = 10000
+    #: Source networks any listener takes connections from; empty: any.
+    allowed_cidrs: tuple[IPNetwork, ...] = ()
+    #: An MQTT connection (TCP or TLS) whose CONNECT has not been handled within this is closed.
+    #: AMQP 1.0, AMQP 0.9.1 and the WebSocket upgrade keep their own fixed 10 s.
+    handshake_timeout: float = 10.0
+    #: File descriptors kept free of client connections (health listener, store, logs).
+    fd_reserve: int = 128
+    #: CoAP: block-wise uploads in progress from one source IP at once (0 = no cap).
+    coap_uploads_per_ip: int = 8
+    #: Failed-login limiter (per source IP and per username), for every provider.
+    failed_logins: FailedLoginsConfig = field(default_factory=lambda: FailedLoginsConfig())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

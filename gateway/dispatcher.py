@@ -32,6 +32,8 @@ from gateway.events import (
     Protocol,
     Secret,
 )
+from gateway.logging_setup import username_tag
+from gateway.login_limiter import LOCKED_REASON, FailedLoginLimiter, source_ip
 from gateway.metrics import Metrics
 from gateway.providers import AuthProvider, ProviderContext, find_provider
 from gateway.resilience import ResilientProvider
@@ -59,6 +61,9 @@ class Dispatcher:
             provider = factory(
                 ProviderContext(auth=auth, limits=limits, invalidate_caches=self.invalidate, metrics=metrics)
             )
+        # A provider answering in this process bounds its own waits (`InProcessAnswers`).
+        in_process_wait = getattr(provider, "in_process_wait", None)
+        in_process = isinstance(in_process_wait, (int, float)) and in_process_wait > 0
         # Timeouts, retries of transport errors and the circuit breaker wrap every
         # provider once, here; no provider carries its own copy.
         self.provider: AuthProvider = ResilientProvider(
@@ -68,9 +73,17 @@ class Dispatcher:
             retries=auth.retries,
             breaker=auth.circuit_breaker,
             metrics=metrics,
+            in_process=in_process,
         )
-        # Bounds the whole call, retries and backoff included (each attempt has `timeout`).
+        # Bounds the whole call, retries and backoff included (each attempt has `timeout`);
+        # in process, the provider's own bound and a second of grace for it to answer "busy" itself.
         self._call_budget = auth.timeout * (auth.retries + 1) + auth.retries * 1.0 + 0.5
+        slot_wait = auth.timeout
+        if in_process:
+            self._call_budget = slot_wait = float(in_process_wait) + 1.0  # type: ignore[arg-type]
+        # `CredentialScope`: unless the provider says otherwise, a CONNECT's answer may depend on the client.
+        self._authn_per_client = bool(getattr(provider, "authentication_depends_on_client", True))
+        self.login_limiter = FailedLoginLimiter(limits.failed_logins)
         self._authorize_now = getattr(provider, "authorize_now", None)
         self._client_scoped = bool(getattr(provider, "decisions_depend_on_client_id", False))
         # A key made at start: cache keys carry an HMAC of the secret, never the secret.
@@ -93,13 +106,14 @@ class Dispatcher:
         self.negative_cache: TTLCache[Hashable, Decision] = TTLCache(
             "negative", maxsize=size, ttl=auth.negative_cache_ttl
         )
-        self._calls: Coalescer[Decision] = Coalescer.with_line(auth.max_inflight, wait_timeout=auth.timeout)
+        self._calls: Coalescer[Decision] = Coalescer.with_line(auth.max_inflight, wait_timeout=slot_wait)
         self._caching_decisions = self.decision_cache.ttl > 0 or self.negative_cache.ttl > 0
         self.stale_served = 0
         metrics.add_collector(
             cache_metrics(lambda: (self.identity_cache, self.authn_cache, self.decision_cache, self.negative_cache))
         )
         metrics.add_collector(self._collect)
+        metrics.add_collector(self.login_limiter.collect)
 
     def _collect(self) -> Iterable[Metric]:
         for name, doc, value in (
@@ -165,14 +179,14 @@ class Dispatcher:
             decision = await self._authenticate(event)
             if decision.outcome is Outcome.ALLOW and decision.identity is not None:
                 self.identity_cache.put((event.protocol, event.client_id), decision.identity)
-            self._record(event, decision)
+            self._record(event, decision, credentials_checked=True)
             return decision
         identity = self.identity_cache.get((event.protocol, event.client_id))
         if identity is None:
             # Evicted or expired while connected: check the credentials again (authn-cached).
             authn = await self._authenticate(event.for_operation(Action.CONNECT))
             if authn.outcome is not Outcome.ALLOW or authn.identity is None:
-                self._record(event, authn)
+                self._record(event, authn, credentials_checked=True)
                 return authn
             identity = authn.identity
             self.identity_cache.put((event.protocol, event.client_id), identity)
@@ -190,7 +204,7 @@ class Dispatcher:
             return self._unchecked(event)
         authn = await self._authenticate(event.for_operation(Action.CONNECT) if event.action is not Action.CONNECT else event)
         if authn.outcome is not Outcome.ALLOW or authn.identity is None or event.action is Action.CONNECT:
-            self._record(event, authn)
+            self._record(event, authn, credentials_checked=True)
             return authn
         decision = await self._authorize(event, authn.identity)
         if decision.outcome is Outcome.DENY and decision.identity is None:
@@ -216,8 +230,28 @@ class Dispatcher:
     def secret_digest(self, secret: Secret) -> bytes:
         return hmac.new(self._hmac_key, secret.reveal(), hashlib.sha256).digest()
 
+    def credentials_digest(self, username: str, secret: Secret) -> bytes:
+        """An HMAC of (username, secret), length-prefixed so no two pairs share one input."""
+        name = username.encode("utf-8", "surrogateescape")
+        mac = hmac.new(self._hmac_key, len(name).to_bytes(4, "big"), hashlib.sha256)
+        mac.update(name)
+        mac.update(secret.reveal())
+        return mac.digest()
+
+    def _authn_key(self, event: AuthEvent) -> Hashable:
+        digest = self.credentials_digest(event.username, event.secret)
+        if self._authn_per_client:
+            return (event.protocol, event.client_id, event.username, event.tls_identity, digest)
+        # The same credentials from any connection or request: one check per TTL, not one each.
+        return (event.username, event.tls_identity, digest)
+
     async def _authenticate(self, event: AuthEvent) -> Decision:
-        key = (event.protocol, event.client_id, event.username, self.secret_digest(event.secret))
+        limiter = self.login_limiter
+        source = source_ip(event.peer)
+        # Before any cache: a locked-out guesser must not get free guesses against cached credentials.
+        if limiter.enabled and limiter.refuse(source, event.username):
+            return Decision.deny(LOCKED_REASON)
+        key = self._authn_key(event)
         cached = self.authn_cache.get(key) if self.authn_cache.enabled else None
         if cached is not None:
             return cached
@@ -228,6 +262,11 @@ class Dispatcher:
         decision = await self._coalesced(("authn", key), lambda: self.provider.authenticate(event))
         if decision.outcome is Outcome.UNAVAILABLE:
             return self._stale_or(self.authn_cache, key, decision, event)
+        if limiter.enabled:
+            if decision.outcome is Outcome.DENY:
+                limiter.failed(source, event.username)
+            else:
+                limiter.succeeded(event.username)
         self._remember(self.authn_cache, key, decision)
         return decision
 
@@ -326,9 +365,13 @@ class Dispatcher:
             return Decision.unavailable("auth provider error")
         return decision
 
-    def _record(self, event: AuthEvent, decision: Decision) -> None:
+    def _record(self, event: AuthEvent, decision: Decision, *, credentials_checked: bool = False) -> None:
         self.metrics.auth_decisions[(event.protocol, event.action, decision.outcome)] += 1
-        _audit(event.protocol, event.action, event.client_id, event.username, event.topic, event.peer, decision)
+        username = event.username
+        if credentials_checked and decision.outcome is not Outcome.ALLOW:
+            # Refused credentials: the "username" may be a password typed into the wrong field.
+            username = username_tag(username)
+        _audit(event.protocol, event.action, event.client_id, username, event.topic, event.peer, decision)
 
 
 def _overloaded() -> Decision:

@@ -23,6 +23,8 @@ class Metrics:
         self.connections_open: dict[Protocol, int] = {p: 0 for p in Protocol}
         self.connections_total: dict[Protocol, int] = {p: 0 for p in Protocol}
         self.connections_refused: defaultdict[tuple[Protocol, str], int] = defaultdict(int)
+        #: The same refusals by (protocol, listener, reason): what /metrics shows.
+        self.connections_refused_by_listener: defaultdict[tuple[Protocol, str, str], int] = defaultdict(int)
         self.messages_in: dict[Protocol, int] = {p: 0 for p in Protocol}
         self.messages_out: dict[Protocol, int] = {p: 0 for p in Protocol}
         self.auth_decisions: defaultdict[tuple[Protocol, Action, Outcome], int] = defaultdict(int)
@@ -43,8 +45,9 @@ class Metrics:
     def connection_closed(self, protocol: Protocol) -> None:
         self.connections_open[protocol] -= 1
 
-    def connection_refused(self, protocol: Protocol, reason: str) -> None:
+    def connection_refused(self, protocol: Protocol, reason: str, listener: str = "") -> None:
         self.connections_refused[(protocol, reason)] += 1
+        self.connections_refused_by_listener[(protocol, listener, reason)] += 1
 
     def auth_decision(self, protocol: Protocol, action: Action, outcome: Outcome) -> None:
         self.auth_decisions[(protocol, action, outcome)] += 1
@@ -76,10 +79,10 @@ class _Collector(Collector):
         yield total
         refused = CounterMetricFamily(
             "polygate_connections_refused", "Connections refused before a session began",
-            labels=["protocol", "reason"],
+            labels=["protocol", "listener", "reason"],
         )
-        for (p, reason), n in sorted(m.connections_refused.items(), key=_label_key):
-            refused.add_metric([p.value, reason], n)
+        for (p, listener, reason), n in sorted(m.connections_refused_by_listener.items(), key=_label_key):
+            refused.add_metric([p.value, listener, reason], n)
         yield refused
         msg_in = CounterMetricFamily("polygate_messages_in", "Messages received from clients", labels=["protocol"])
         msg_out = CounterMetricFamily("polygate_messages_out", "Messages delivered to clients", labels=["protocol"])

@@ -2,7 +2,8 @@
 
 Providers know no protocol beyond what the event carries and keep no cache:
 caching, coalescing and admission control wrap any provider from outside
-(`gateway.dispatcher`).
+(`gateway.dispatcher`). Two optional attributes tell the dispatcher how
+(`InProcessAnswers`, `CredentialScope`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ class SyncAuthorizer(Protocol):
     def authorize_now(
         self, action: Action, topic: str, client_id: str, identity: Identity
     ) -> Decision | None: ...
+
+
+class InProcessAnswers(Protocol):
+    """Optional: a provider that answers from this process (memory, a local file, CPU work such as Argon2).
+
+    `in_process_wait` is the longest a call may wait for the provider's own
+    resources (e.g. its password-hashing pool) before the provider answers
+    unavailable itself. The dispatcher then applies no `auth.timeout`, no
+    retries and no circuit breaker to it: those are for remote services, and
+    cutting a queued local check short would refuse clients the provider could
+    still serve.
+    """
+
+    in_process_wait: float
+
+
+class CredentialScope(Protocol):
+    """Optional: `authentication_depends_on_client = False` when a provider's answer to a CONNECT
+    depends only on the username, the secret and the certificate identity (not on the client id,
+    protocol or peer). Successful checks are then cached across connections and requests, so an
+    HTTP request without X-Client-ID or each AMQP 0.9.1 connection does not pay a fresh check.
+    Unset (a remote service that may look at the client id): keyed per client, as before.
+    """
+
+    authentication_depends_on_client: bool
 
 
 ProviderFactory = Callable[[ProviderContext], AuthProvider]

@@ -1,4 +1,4 @@
-"""Token-bucket rate limits: new connections per source IP, messages per client.
+"""Token-bucket rate limits: new connections per source IP, messages and subscriptions per client.
 
 Everything is pure arithmetic on an injected clock (monotonic by default), so
 tests drive time with plain numbers. A `take` answers 0.0 (go ahead, tokens
@@ -180,6 +180,14 @@ class RateLimits:
         if self._messages is None:
             return 0.0
         return self._messages.take(client_key)
+
+    def new_subscribe_bucket(self) -> TokenBucket | None:
+        """A connection's bucket of subscriptions (one token per topic filter); None when off."""
+        config = self.config
+        subscribe = config.subscribe
+        if not (config.enabled and subscribe.enabled):
+            return None
+        return TokenBucket(subscribe.rate, subscribe.burst, self._clock)
 
     def new_message_bucket(self) -> TokenBucket | None:
         """A bucket for a session to hold itself (saves the keyed lookup); None when off."""

@@ -6,6 +6,10 @@ under the per-call timeout, transport errors are retried with full-jitter
 backoff, and a circuit breaker stops calling a service that keeps failing so
 clients are told "unavailable" at once instead of after a timeout each.
 
+A provider that answers in this process (`in_process_wait`, e.g. `local`)
+gets none of this: its waits are its own (a password check queued behind a
+flood is slow, not lost) and its store never opens the breaker.
+
 A denial is a healthy answer: it is never retried and it resets the breaker's
 failure count. Whatever happens, the caller gets a `Decision`, never an
 exception, and an unavailable answer is never turned into an allow.
@@ -196,6 +200,7 @@ class ResilientProvider:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        in_process: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -210,6 +215,8 @@ class ResilientProvider:
         self._random = random
         self.retried = 0
         self.short_circuited = 0
+        #: Calls go straight to the provider: no timeout, no retry, no breaker (it stays closed).
+        self.in_process = in_process
         # The synchronous fast path is in memory: no remote call, nothing to protect.
         # Exposed only when the inner provider has one: the dispatcher looks for it.
         authorize_now = getattr(inner, "authorize_now", None)
@@ -245,6 +252,9 @@ class ResilientProvider:
     # -- internals --------------------------------------------------------------------------
 
     async def _call(self, method: str, call: Callable[[], Awaitable[Decision]]) -> Decision:
+        if self.in_process:
+            result = await self._attempt(method, call, timeout=None)
+            return result if isinstance(result, Decision) else Decision.unavailable(result.reason)
         permit = self.breaker.acquire()
         if permit is None:
             self.short_circuited += 1
@@ -264,7 +274,7 @@ class ResilientProvider:
     async def _attempts(self, method: str, call: Callable[[], Awaitable[Decision]]) -> Decision:
         retry = 0
         while True:
-            result = await self._attempt(method, call)
+            result = await self._attempt(method, call, timeout=self.timeout)
             if isinstance(result, Decision):
                 return result
             if not result.retryable or retry >= self.retries:
@@ -278,9 +288,11 @@ class ResilientProvider:
             retry += 1
             await self._sleep(delay)
 
-    async def _attempt(self, method: str, call: Callable[[], Awaitable[Decision]]) -> Decision | _Failure:
+    async def _attempt(
+        self, method: str, call: Callable[[], Awaitable[Decision]], *, timeout: float | None
+    ) -> Decision | _Failure:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 decision = await call()
         except TimeoutError:
             return _Failure(f"auth service did not answer within {self.timeout:g}s", retryable=True)

@@ -12,13 +12,17 @@ remains, close listeners and the provider; commit the store.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
-from collections.abc import Iterable
-from typing import Protocol as TypingProtocol
+import math
+import resource
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol as TypingProtocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.config_types import GatewayConfig, ListenerConfig
+from gateway.config_types import GatewayConfig, LimitsConfig, ListenerConfig
 from gateway.context import FrontendContext
 from gateway.dispatcher import Dispatcher
 from gateway.errors import PolygateError
@@ -55,7 +59,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, provider: AuthProvider | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.state = GatewayState()
+        self.state = GatewayState(config.limits)
         self.store = open_store(config.storage)
         self.budget = MemoryBudget(config.limits.memory_high_watermark)
         self.router = Router(
@@ -135,6 +139,8 @@ class Gateway:
         return [f.bound for f in self.frontends.get(kind, [])]
 
     async def start(self) -> None:
+        self.state.max_total = connection_budget(raise_fd_limit(), self.config.limits)
+        install_accept_error_handler(asyncio.get_running_loop())
         await self._restore()
         try:
             await self.dispatcher.start()
@@ -228,3 +234,102 @@ class Gateway:
 
 def _always() -> bool:
     return True
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (both logged); the soft limit now in force.
+
+    The usual soft limit of 1,024 is used up by one client with 1,100 sockets;
+    the hard limit is what the administrator allows this process.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 0
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, _NOFILE_CEILING)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            log.info("file descriptor limit raised from %d to %d (the hard limit)", soft, wanted,
+                     extra={"event": "fd_limit", "soft": wanted, "hard": hard})
+            return wanted
+        except (OSError, ValueError) as exc:
+            log.warning("file descriptor limit stays at %d (hard limit %d): %s", soft, hard, exc,
+                        extra={"event": "fd_limit", "soft": soft, "hard": hard})
+            return soft
+    log.info("file descriptor limit: %d (hard limit %d)", soft, hard,
+             extra={"event": "fd_limit", "soft": soft, "hard": hard})
+    return 0 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_budget(fd_limit: int, limits: LimitsConfig) -> int:
+    """Client connections all listeners may hold together: the descriptors minus `limits.fd_reserve` (0 = no cap).
+
+    A connection beyond it is accepted and closed at once, so its descriptor is
+    free again and the health listener, the store and new connections from
+    other sources always find one.
+    """
+    if fd_limit <= 0:
+        return 0
+    budget = max(1, fd_limit - limits.fd_reserve)
+    per_ip = limits.max_connections_per_ip
+    if per_ip == 0 or per_ip >= budget:
+        log.warning("limits.max_connections_per_ip (%s) does not keep one source below the %d connections the "
+                    "file descriptor limit allows: one source can take them all", per_ip or "no cap", budget,
+                    extra={"event": "fd_budget", "budget": budget})
+    return budget
+
+
+#: Accept errors that mean "no descriptor or buffer left": the loop retries, and they are logged once per interval.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds between two log lines about accept failing for want of descriptors.
+ACCEPT_ERROR_LOG_INTERVAL = 10.0
+#: Where the soft limit goes when the hard limit is unlimited.
+_NOFILE_CEILING = 1 << 20
+
+
+class AcceptErrorHandler:
+    """The loop's exception handler, wrapped: accept failing with EMFILE/ENFILE is logged once per interval.
+
+    asyncio then stops accepting on that socket for a second (its
+    ACCEPT_RETRY_DELAY) instead of spinning, and logs every failure at ERROR;
+    under a flood that is a line per attempt. Here it is one line per
+    interval with the count; anything else goes to the previous handler.
+    """
+
+    def __init__(self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+                 interval: float = ACCEPT_ERROR_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self._previous = previous
+        self.interval = interval
+        self._clock = clock
+        self._last = -math.inf
+        self.suppressed = 0
+        self.total = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+            self.total += 1
+            now = self._clock()
+            if now - self._last >= self.interval:
+                log.error("cannot accept connections: %s (%d more since the last report); retrying after a pause",
+                          exc.strerror or exc, self.suppressed,
+                          extra={"event": "accept_failed", "errno": exc.errno, "count": self.suppressed + 1})
+                self._last = now
+                self.suppressed = 0
+            else:
+                self.suppressed += 1
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+
+def install_accept_error_handler(loop: asyncio.AbstractEventLoop) -> AcceptErrorHandler:
+    current = loop.get_exception_handler()
+    if isinstance(current, AcceptErrorHandler):
+        return current
+    handler = AcceptErrorHandler(current)
+    loop.set_exception_handler(handler)
+    return handler

@@ -2,14 +2,25 @@
 
 Every frontend registers a connection when it is accepted and leaves when it
 closes; shutdown then runs in one fixed order for all of them.
+
+`admit` is where every connection limit is decided, the same way for every
+protocol: allowed source networks (per listener and global), the listener's
+`max_connections`, `limits.max_connections_per_ip` across all listeners, and a
+total kept below the file-descriptor limit so that the health listener and
+the gateway itself always have descriptors left. What it refuses is logged
+once per interval with a count (`RefusalLog`), never once per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol as TypingProtocol, TypeVar
+
+from gateway.config_types import IPNetwork, LimitsConfig
+from gateway.ratelimit import connection_key
 
 log = logging.getLogger("polygate.state")
 
@@ -21,13 +32,119 @@ class Connection(TypingProtocol):
         """Begin closing: tell the peer when the protocol allows, then drop the transport."""
 
 
+#: Refusals of one kind are logged at most once per this many seconds, with their count.
+REFUSAL_LOG_INTERVAL = 10.0
+
+#: Why `admit` refused a connection (the `reason` label of polygate_connections_refused).
+SHUTTING_DOWN = "shutting_down"
+NOT_ALLOWED = "not_allowed"
+MAX_CONNECTIONS = "max_connections"
+MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
+FD_RESERVE = "fd_reserve"
+
+_WHY = {
+    SHUTTING_DOWN: "the gateway is stopping",
+    NOT_ALLOWED: "source address not in allowed_cidrs",
+    MAX_CONNECTIONS: "the listener's max_connections reached",
+    MAX_CONNECTIONS_PER_IP: "limits.max_connections_per_ip reached",
+    FD_RESERVE: "file descriptors left are kept for the health listener (limits.fd_reserve)",
+    "rate_limited": "ratelimit.connection exceeded",
+    "uploads_per_ip": "limits.coap_uploads_per_ip block-wise uploads in progress",
+    "max_subscriptions_per_client": "limits.max_subscriptions_per_client reached",
+}
+#: What was refused, when it is not a connection.
+_WHAT = {"uploads_per_ip": "block-wise upload", "max_subscriptions_per_client": "subscription"}
+
+
+def ip_key(ip: str) -> str:
+    """What one source counts as: the IP itself, its IPv4 address when IPv4-mapped, or its IPv6 /64.
+
+    The same key as the connection rate limit's, so both limits see one source alike.
+    """
+    return connection_key(ip)
+
+
+def allowed(ip: str, networks: Sequence[IPNetwork]) -> bool:
+    """True when `networks` is empty or holds `ip`; an address that does not parse is refused (fail closed)."""
+    if not networks:
+        return True
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+class RefusalLog:
+    """One WARNING per (listener, reason) and interval, with how many were refused and the last peer.
+
+    The first refusal after a quiet interval is logged at once; the rest are
+    counted and summed up when the interval ends, so a flood costs one line
+    per interval, never one per connection.
+    """
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        #: (listener, reason) -> [refused since the last line, last peer]; present while an interval runs.
+        self._pending: dict[tuple[str, str], list[Any]] = {}
+
+    def refused(self, listener: str, reason: str, peer: str) -> None:
+        key = (listener, reason)
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending[0] += 1
+            pending[1] = peer
+            return
+        self._emit(listener, reason, 1, peer, first=True)
+        self._pending[key] = [0, peer]
+        try:
+            asyncio.get_running_loop().call_later(self.interval, self._flush, key)
+        except RuntimeError:  # no loop (a unit test on plain values): log every refusal
+            del self._pending[key]
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        count, peer = self._pending.pop(key)
+        if count:
+            self._emit(key[0], key[1], count, peer, first=False)
+            # Still refusing: keep summing up instead of logging the next one at once.
+            self._pending[key] = [0, peer]
+            asyncio.get_running_loop().call_later(self.interval, self._flush, key)
+
+    def _emit(self, listener: str, reason: str, count: int, peer: str, *, first: bool) -> None:
+        why = _WHY.get(reason, reason)
+        what = _WHAT.get(reason, "connection")
+        if first:
+            log.warning("%s refused a %s from %s: %s (more are counted and logged every %gs)",
+                        listener, what, peer, why, self.interval,
+                        extra={"event": "connection_refused", "listener": listener, "reason": reason,
+                               "peer": peer, "count": 1})
+        else:
+            log.warning("%s refused %d more %s(s) in the last %gs, the last from %s: %s",
+                        listener, count, what, self.interval, peer, why,
+                        extra={"event": "connection_refused", "listener": listener, "reason": reason,
+                               "peer": peer, "count": count})
+
+
 class GatewayState:
-    def __init__(self) -> None:
+    def __init__(self, limits: LimitsConfig | None = None) -> None:
         self._connections: dict[str, set[Connection]] = {}
         self._limits: dict[str, int] = {}
+        self._allowed: dict[str, tuple[IPNetwork, ...]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shared: dict[str, Any] = {}
         self.shutting_down = False
+        limits = limits or LimitsConfig()
+        self._per_ip_cap = limits.max_connections_per_ip
+        self._global_allowed = limits.allowed_cidrs
+        #: Client connections of all listeners together (0 = no cap): descriptors minus the reserve.
+        self.max_total = 0
+        self._total = 0
+        self._per_ip: dict[str, int] = {}
+        #: The `ip_key` each admitted connection counts against.
+        self._ip_of: dict[Connection, str] = {}
+        self.refusals = RefusalLog()
 
     def shared(self, key: str, factory: Callable[[], T]) -> T:
         """One object per gateway shared by listeners of one protocol (e.g. MQTT sessions)."""
@@ -37,8 +154,9 @@ class GatewayState:
             value = self._shared[key] = factory()
             return value
 
-    def set_limit(self, listener: str, max_connections: int) -> None:
+    def set_limit(self, listener: str, max_connections: int, allowed_cidrs: tuple[IPNetwork, ...] = ()) -> None:
         self._limits[listener] = max_connections
+        self._allowed[listener] = allowed_cidrs
 
     def register(self, listener: str, connection: Connection) -> bool:
         """Add a connection; False when the gateway is stopping or the listener is full."""
@@ -51,10 +169,61 @@ class GatewayState:
         conns.add(connection)
         return True
 
+    def allows(self, listener: str, ip: str) -> bool:
+        """`ip` is inside the listener's and the gateway's allowed_cidrs (requests of HTTP and CoAP)."""
+        return allowed(ip, self._allowed.get(listener, ())) and allowed(ip, self._global_allowed)
+
+    def refusal(self, listener: str, ip: str) -> str | None:
+        """Why a connection from `ip` to `listener` would be refused now, or None."""
+        if self.shutting_down:
+            return SHUTTING_DOWN
+        if not self.allows(listener, ip):
+            return NOT_ALLOWED
+        cap = self._limits.get(listener, 0)
+        if cap and len(self._connections.get(listener, ())) >= cap:
+            return MAX_CONNECTIONS
+        if self._per_ip_cap and self._per_ip.get(ip_key(ip), 0) >= self._per_ip_cap:
+            return MAX_CONNECTIONS_PER_IP
+        if self.max_total and self._total >= self.max_total:
+            return FD_RESERVE
+        return None
+
+    def admit(self, listener: str, connection: Connection, ip: str, peer: str) -> str | None:
+        """Add a connection from `ip` unless a limit refuses it: None, or the reason (logged once per interval).
+
+        The caller closes a refused connection at once and counts it; its descriptor is then free again.
+        """
+        reason = self.refusal(listener, ip)
+        if reason is not None:
+            self.refusals.refused(listener, reason, peer or ip or "an unknown peer")
+            return reason
+        self._connections.setdefault(listener, set()).add(connection)
+        key = ip_key(ip)
+        self._ip_of[connection] = key
+        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        self._total += 1
+        return None
+
+    def note_refused(self, listener: str, reason: str, peer: str) -> None:
+        """A refusal decided elsewhere (a rate limit): logged like those of `admit`."""
+        self.refusals.refused(listener, reason, peer)
+
     def unregister(self, listener: str, connection: Connection) -> None:
         conns = self._connections.get(listener)
         if conns is not None:
             conns.discard(connection)
+        key = self._ip_of.pop(connection, None)
+        if key is not None:
+            self._total -= 1
+            left = self._per_ip[key] - 1
+            if left:
+                self._per_ip[key] = left
+            else:
+                del self._per_ip[key]
+
+    def connections_from(self, ip: str) -> int:
+        """Connections admitted from the source of `ip` (its `ip_key`), all listeners."""
+        return self._per_ip.get(ip_key(ip), 0)
 
     def count(self, listener: str | None = None) -> int:
         if listener is not None:

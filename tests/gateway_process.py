@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,8 +20,11 @@ import yaml
 class GatewayProcess:
     """`python -m gateway run --config FILE` on loopback ports the OS picks; its JSON log is collected."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], *, loop: str = "asyncio") -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], *, loop: str = "asyncio",
+                 nofile: int | None = None) -> None:
         self.workdir = workdir
+        #: RLIMIT_NOFILE (soft = hard) of the process, when given: a test of what a descriptor shortage does.
+        self.nofile = nofile
         self.config_path = workdir / "polygate.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         # The test's root credentials (tests.conftest.root_password) reach the process.
@@ -39,6 +43,7 @@ class GatewayProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path), "--log-format", "json"],
             cwd=self.workdir, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            preexec_fn=self._limit_descriptors if self.nofile else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -46,6 +51,9 @@ class GatewayProcess:
             self.kill()
             raise AssertionError("the gateway did not become ready:\n" + "".join(self.lines[-30:]))
         return self
+
+    def _limit_descriptors(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stderr is not None

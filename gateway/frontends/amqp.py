@@ -82,7 +82,7 @@ from typing import Any, cast
 from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, Link, Transport, TransportException
 from proton import Message as AMQPMessage
 
-from gateway.amqp.sasl import SaslError, SaslInit, SaslServer
+from gateway.amqp.sasl import SaslCode, SaslError, SaslInit, SaslServer
 from gateway.backpressure import DRAINING, NO_PUBLISHER, Blocker, Publisher
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
@@ -90,7 +90,7 @@ from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Outcome, Protocol
 from gateway.frontends.flow import BYPASS, ORDERED, PUBLISH, AckOrder, InboundFlow, Output, ReadPauses, WriteGather, admit
-from gateway.frontends.peers import peer_address, peer_identity
+from gateway.frontends.peers import password_refused, peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.queues import REFUSED, STORED, MessageQueue, limits_for
 from gateway.router import Message
@@ -135,6 +135,12 @@ _INCOMPLETE = object()
 
 #: One inbound event for the connection's InboundFlow: (kind, handler, argument).
 _FlowEvent = tuple[int, Callable[["AMQPConnection", Any], Awaitable[None] | None], Any]
+
+
+def _without_peer_bytes(description: str) -> str:
+    """A proton error text up to where it quotes what the peer sent (it may hold a password)."""
+    cut = min((i for i in (description.find("'"), description.find('"')) if i >= 0), default=len(description))
+    return description[:cut].rstrip(" :")[:200]
 
 
 def _refusal(decision: Decision, what: str) -> Condition:
@@ -365,7 +371,7 @@ class AMQPConnection(asyncio.Protocol):
         self._output.transport = transport
         self._pauses.attach(transport)
         ip, self.peer = peer_address(transport)
-        self.tls_identity = peer_identity(transport)
+        self.tls_identity = peer_identity(transport, self.ctx.config.auth.mtls_identity)
         if not admit(self.ctx, self.listener, self, Protocol.AMQP, ip, self.peer):
             self._closing = True
             transport.abort()
@@ -459,6 +465,12 @@ class AMQPConnection(asyncio.Protocol):
         if event is None:
             return b""
         if isinstance(event, SaslInit):
+            refused = password_refused(self.ctx.config.auth, self.listener, event.secret)
+            if refused is not None:
+                sasl.fail(SaslCode.AUTH)
+                self._write(sasl.data_to_send())
+                self._drop_peer(refused.reason)
+                return b""
             self._credentials = event
             # Checked with the Open frame's container-id as the client id (module docstring).
             sasl.succeed()
@@ -499,7 +511,7 @@ class AMQPConnection(asyncio.Protocol):
                 engine.push(bytes(view[:capacity]))
                 view = view[capacity:]
         except TransportException as exc:
-            self._drop_peer(f"AMQP engine error: {exc}")
+            self._drop_peer(f"AMQP engine error: {_without_peer_bytes(str(exc))}")
 
     def _after_input(self) -> None:
         """Hand what the engine made of the input to the inbound flow, then send what it produced."""
@@ -508,6 +520,9 @@ class AMQPConnection(asyncio.Protocol):
         try:
             events = self._take_events()
             self._tick()
+        except UnicodeDecodeError:
+            self._protocol_error(DECODE_ERROR, "a string field is not valid UTF-8")
+            return
         except Exception:
             # Our own bug or an engine error on one client's input closes that client
             # only, with the cause in the log (events handled later: `flow_error`).
@@ -578,8 +593,23 @@ class AMQPConnection(asyncio.Protocol):
         return event[1](self, event[2])
 
     def flow_error(self, event: _FlowEvent, exc: Exception) -> None:
+        if isinstance(exc, UnicodeDecodeError):
+            # Proton decodes a string field (container-id, an address) only when it is read.
+            self._protocol_error(DECODE_ERROR, "a string field is not valid UTF-8")
+            return
         log.error("AMQP connection from %s (%r) failed", self.peer, self.client_id, exc_info=exc)
         self._drop_peer("internal error")
+
+    def _protocol_error(self, name: str, description: str) -> None:
+        """The client sent what cannot be acted on: close it with that condition (no traceback)."""
+        connection = self._connection
+        if connection is not None and not self._closing:
+            if not self._opened:
+                connection.container = CONTAINER_ID
+                connection.open()
+            connection.condition = Condition(name, description)
+            connection.close()
+        self._drop_peer(f"{name}: {description}")
 
     def publisher_name(self) -> str:
         return repr(self.client_id or self.peer)
@@ -747,7 +777,11 @@ class AMQPConnection(asyncio.Protocol):
 
     def _on_transport_error(self, event: Event) -> None:
         condition = event.transport.condition
-        log.info("AMQP protocol error from %s: %s", self.peer, condition,
+        # Proton's description quotes the bytes it could not parse, and those can be a
+        # second sasl-init's PLAIN credentials: log the condition without them.
+        name = condition.name if condition is not None else "unknown"
+        description = _without_peer_bytes(condition.description or "") if condition is not None else ""
+        log.info("AMQP protocol error from %s: %s%s", self.peer, name, f": {description}" if description else "",
                  extra={"event": "protocol_error", "peer": self.peer})
 
     # -- links --------------------------------------------------------------------------------
@@ -755,6 +789,10 @@ class AMQPConnection(asyncio.Protocol):
     def _on_link_remote_open(self, event: Event) -> Awaitable[None] | None:
         link = event.link
         if not link.state & Endpoint.LOCAL_UNINIT:
+            return None
+        if self.auth is None:
+            # Proton takes an attach before any Open; nothing is served before the CONNECT decision.
+            self._protocol_error("amqp:not-allowed", "a link was attached before the connection was opened")
             return None
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
@@ -965,7 +1003,12 @@ class AMQPConnection(asyncio.Protocol):
         if topic is not None:
             self._route(inbound, delivery, Message(topic, payload, qos, False))
             return None
-        topic = message.address or ""
+        try:
+            topic = message.address or ""
+        except UnicodeDecodeError:
+            self.ctx.metrics.dropped(Protocol.AMQP, "bad_topic")
+            self._settle_in(inbound, delivery, Delivery.REJECTED, Condition(DECODE_ERROR, "`to` is not valid UTF-8"))
+            return None
         try:
             validate_topic_name(topic, self._max_topic)
         except InvalidTopic as exc:

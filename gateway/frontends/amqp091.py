@@ -96,7 +96,7 @@ from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol
 from gateway.frontends.flow import BYPASS, ORDERED, PUBLISH, AckOrder, InboundFlow, Output, ReadPauses, WriteGather, admit
-from gateway.frontends.peers import peer_address, peer_identity
+from gateway.frontends.peers import password_refused, peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.queues import REFUSED, STORED, limits_for
 from gateway.router import ROUTED
@@ -227,7 +227,7 @@ class AMQP091Connection(asyncio.Protocol):
         self.transport = transport
         self._output.transport = transport
         ip, self.peer = peer_address(transport)
-        self.tls_identity = peer_identity(transport)
+        self.tls_identity = peer_identity(transport, self.ctx.config.auth.mtls_identity)
         self._pauses.attach(transport)
         if not admit(self.ctx, self.listener, self, Protocol.AMQP091, ip, self.peer):
             self._closed = True
@@ -629,7 +629,7 @@ class AMQP091Connection(asyncio.Protocol):
             peer=self.peer,
             tls_identity=self.tls_identity,
         )
-        decision = await self.ctx.dispatcher.decide(event)
+        decision = password_refused(self.ctx.config.auth, self.listener, secret) or await self.ctx.dispatcher.decide(event)
         if self._closed:
             return
         if decision.outcome is Outcome.UNAVAILABLE:

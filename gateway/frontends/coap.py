@@ -129,7 +129,7 @@ from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
 from gateway.frontends.flow import publish_request
-from gateway.frontends.peers import format_peer
+from gateway.frontends.peers import format_peer, password_refused
 from gateway.metrics import Metrics
 from gateway.queues import MemoryBudget, MessageQueue, QueueLimits, limits_for
 from gateway.router import Message as RouterMessage
@@ -147,6 +147,14 @@ TRANSFER_IDLE_TIMEOUT = 10.0
 MAX_TRANSFERS = 1024
 #: Block1 uploads in progress per listener (each holds up to limits.max_message_size).
 MAX_UPLOADS = 256
+#: The 5.03 diagnostic of an observation a connection limit refused (GatewayState.admit's reasons).
+_OBSERVE_REFUSED: dict[str, str] = {
+    "shutting_down": "the gateway is shutting down",
+    "max_connections": "too many observations on this listener",
+    "max_connections_per_ip": "too many observations from your address",
+    "not_allowed": "your address is not allowed",
+    "fd_reserve": "too many observations",
+}
 #: Upper bound of a Max-Age retry hint, in seconds.
 MAX_RETRY_AFTER = 3600
 #: Bad datagrams: the first one is logged, then every this many.
@@ -842,6 +850,9 @@ class _IdleStore(Generic[V]):
     def values(self) -> list[V]:
         return [value for _, value in self._entries.values()]
 
+    def keys(self) -> list[Any]:
+        return list(self._entries)
+
 
 class _Transfer:
     """A representation larger than one block, served by Block2 until its last block was asked for."""
@@ -1049,7 +1060,7 @@ class CoAPFrontend:
 
     async def start(self) -> None:
         listener = self._listener
-        self._ctx.state.set_limit(listener.name, listener.max_connections)
+        self._ctx.state.set_limit(listener.name, listener.max_connections, listener.allowed_cidrs)
         self._udp = await open_udp_context(
             CatchAllSite(self._render), listener.host, listener.port, on_bad_datagram=self._bad_datagram
         )
@@ -1120,6 +1131,10 @@ class CoAPFrontend:
             raise ServiceUnavailable("the gateway is shutting down")
         _check_options(request)
         ip, peer = _peer(request.remote)
+        if not self._ctx.state.allows(self._listener.name, ip):
+            self._ctx.metrics.connection_refused(Protocol.COAP, "not_allowed", self._listener.name)
+            self._ctx.state.note_refused(self._listener.name, "not_allowed", peer)
+            raise Forbidden("your address is not allowed")
         method = request.code
         block1, block2 = request.opt.block1, request.opt.block2
         if method == codes.GET and block2 is not None and block2.block_number > 0:
@@ -1153,6 +1168,8 @@ class CoAPFrontend:
         dispatcher = self._ctx.dispatcher
         if not dispatcher.requires_auth(Protocol.COAP):
             return ()
+        if password_refused(self._ctx.config.auth, self._listener, client.secret) is not None:
+            raise Unauthorized("passwords are refused on this plaintext listener")
         decision = await dispatcher.decide_stateless(client.for_operation(action, topic))
         if decision.outcome is Outcome.ALLOW:
             return decision.exclusions
@@ -1219,7 +1236,8 @@ class CoAPFrontend:
         payload = request.payload
         if block1.more and len(payload) != block1.size:
             raise BadRequest(f"block {block1.block_number} carries {len(payload)} bytes, not its size {block1.size}")
-        key = self._block_key(request)
+        ip = _peer(request.remote)[0]
+        key = (ip, self._block_key(request))
         if block1.block_number == 0:
             declared = request.opt.size1
             if (declared is not None and declared > limit) or len(payload) > limit:
@@ -1231,6 +1249,12 @@ class CoAPFrontend:
             self._uploads.sweep()
             if not self._uploads.has_room() and self._uploads.get(key) is None:
                 raise ServiceUnavailable("too many block-wise uploads in progress, try again later")
+            per_ip = self._ctx.config.limits.coap_uploads_per_ip
+            # One source must not hold every slot (everyone else would get 5.03).
+            if per_ip and self._uploads.get(key) is None and sum(k[0] == ip for k in self._uploads.keys()) >= per_ip:
+                self._ctx.metrics.connection_refused(Protocol.COAP, "uploads_per_ip", self._listener.name)
+                self._ctx.state.note_refused(self._listener.name, "uploads_per_ip", _peer(request.remote)[1])
+                raise ServiceUnavailable("too many block-wise uploads from your address in progress, try again later")
             self._uploads.put(key, bytearray(payload))
             return None
         data = self._uploads.get(key)
@@ -1297,10 +1321,12 @@ class CoAPFrontend:
             budget=ctx.router.budget, metrics=ctx.metrics,
         )
         listener = self._listener.name
-        if not ctx.state.register(listener, observation):
-            stopping = ctx.state.shutting_down
-            ctx.metrics.connection_refused(Protocol.COAP, "shutting_down" if stopping else "listener_full")
-            raise ServiceUnavailable("the gateway is shutting down" if stopping else "too many observations on this listener")
+        # An observation is CoAP's connection: the same limits, max_connections_per_ip among them.
+        ip, peer = _peer(request.remote)
+        refused = ctx.state.admit(listener, observation, ip, peer)
+        if refused is not None:
+            ctx.metrics.connection_refused(Protocol.COAP, refused, listener)
+            raise ServiceUnavailable(_OBSERVE_REFUSED.get(refused, "too many observations"))
         ctx.metrics.connection_opened(Protocol.COAP)
         self._observations.add(observation)
         block_key = self._block_key(request)

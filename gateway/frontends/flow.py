@@ -53,17 +53,20 @@ SEQUENCED = 3  # waits for whatever is before it, but nothing waits for it (MQTT
 def admit(
     ctx: FrontendContext, listener: ListenerConfig, connection: Connection, protocol: Protocol, ip: str, peer: str
 ) -> bool:
-    """Rate limit per source IP, then the listener's capacity. False: refused (counted, logged)."""
-    if ctx.ratelimits.check_connection(ip) > 0:
-        reason, why = "rate_limited", "rate limited"
-    elif not ctx.state.register(listener.name, connection):
-        reason, why = "max_connections", f"{listener.name} is full or stopping"
-    else:
+    """The connection limits (GatewayState.admit), then the rate limit per source IP.
+
+    False: refused, counted, logged once per interval (never per connection); the caller closes it at once.
+    """
+    state = ctx.state
+    reason = state.admit(listener.name, connection, ip, peer)
+    if reason is None and ctx.ratelimits.check_connection(ip) > 0:
+        reason = "rate_limited"
+        state.unregister(listener.name, connection)
+        state.note_refused(listener.name, reason, peer)
+    if reason is None:
         ctx.metrics.connection_opened(protocol)
         return True
-    ctx.metrics.connection_refused(protocol, reason)
-    log.warning("%s connection from %s refused: %s", protocol.value, peer, why,
-                extra={"event": "connection_refused", "peer": peer, "reason": reason})
+    ctx.metrics.connection_refused(protocol, reason, listener.name)
     return False
 
 

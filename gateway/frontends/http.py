@@ -56,7 +56,7 @@ from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
 from gateway.frontends.aiohttp_listener import AiohttpListener
 from gateway.frontends.flow import publish_request
-from gateway.frontends.peers import format_peer, peer_identity
+from gateway.frontends.peers import format_peer, password_refused, peer_identity
 from gateway.metrics import Metrics
 from gateway.queues import MemoryBudget, MessageQueue, QueueLimits, limits_for
 from gateway.router import Message
@@ -96,6 +96,8 @@ class HTTPError(Exception):
     """An answer to the client other than success; `str(exc)` is shown to it."""
 
     status = 500
+    #: The connection cannot go on after this error (its byte stream is broken).
+    close_connection = False
 
     def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -157,7 +159,10 @@ async def error_boundary(request: web.Request, handler: Handler) -> web.StreamRe
         response: web.StreamResponse = await handler(request)
         return response
     except HTTPError as exc:
-        return error_response(exc.status, str(exc), exc.headers)
+        response = error_response(exc.status, str(exc), exc.headers)
+        if exc.close_connection:
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -308,6 +313,12 @@ def _parse_retain(value: str) -> bool:
     raise BadRequest(f"retain must be true, false, 1 or 0, not {value!r}")
 
 
+class BadBody(BadRequest):
+    """A body aiohttp could not read (a `Content-Encoding` that does not decode, broken chunks)."""
+
+    close_connection = True
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
     declared = request.content_length
@@ -315,12 +326,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"request body of {declared} bytes is larger than the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    # Chunked bodies have no declared length: count while reading.
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        # Chunked bodies have no declared length: count while reading.
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+    except web.RequestPayloadError:
+        raise BadBody("the request body could not be read: check its Content-Encoding and framing") from None
     return b"".join(chunks)
 
 
@@ -354,7 +368,7 @@ class HTTPFrontend:
         )
 
     async def start(self) -> None:
-        self._ctx.state.set_limit(self._listener.name, self._listener.max_connections)
+        self._ctx.state.set_limit(self._listener.name, self._listener.max_connections, self._listener.allowed_cidrs)
         await self._server.start()
 
     @property
@@ -373,6 +387,11 @@ class HTTPFrontend:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         client_ip = request.remote or ""
+        listener = self._listener.name
+        if not self._ctx.state.allows(listener, client_ip):
+            self._ctx.metrics.connection_refused(Protocol.HTTP, "not_allowed", listener)
+            self._ctx.state.note_refused(listener, "not_allowed", client_ip)
+            raise Forbidden("your address is not allowed")
         wait = self._ctx.ratelimits.check_connection(client_ip)
         if wait > 0:
             raise TooManyRequests("too many requests from your address", retry_after=wait)
@@ -397,7 +416,10 @@ class HTTPFrontend:
         peer = format_peer(peername[0], peername[1]) if peername else (request.remote or "")
         headers = request.headers
         client_id = headers.get("X-Client-ID") or headers.get("X-FluxMQ-Client-ID") or f"http:{peer}"
-        tls_identity = peer_identity(transport) if transport is not None and self._listener.tls else ""
+        tls_identity = (
+            peer_identity(transport, self._ctx.config.auth.mtls_identity)
+            if transport is not None and self._listener.tls else ""
+        )
         if self._ctx.dispatcher.requires_auth(Protocol.HTTP):
             username, secret = _credentials(headers)
         else:
@@ -412,6 +434,9 @@ class HTTPFrontend:
         dispatcher = self._ctx.dispatcher
         if not dispatcher.requires_auth(Protocol.HTTP):
             return ()
+        if password_refused(self._ctx.config.auth, self._listener, client.secret) is not None:
+            # 403, not 401: no other password will do on this listener either.
+            raise Forbidden("passwords are refused on this plaintext listener: use TLS")
         decision = await dispatcher.decide_stateless(client.for_operation(action, topic))
         if decision.outcome is Outcome.ALLOW:
             return decision.exclusions
@@ -442,22 +467,33 @@ class HTTPFrontend:
         client = self._client(request)
         await self._authorize(client, Action.PUBLISH, topic)
         self._check_message_rate(client)
-        payload = await _read_body(request, self._max_message)
+        payload = await self._read_body(request, self._max_message)
         return await self._publish(client, topic, payload, qos, retain)
 
     async def _publish_json(self, request: web.Request) -> web.Response:
-        body = await _read_body(request, self._max_json_body)
+        body = await self._read_body(request, self._max_json_body)
         topic, payload, qos, retain = self._parse_json(body)
         client = self._client(request)
         await self._authorize(client, Action.PUBLISH, topic)
         self._check_message_rate(client)
         return await self._publish(client, topic, payload, qos, retain)
 
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+        try:
+            return await _read_body(request, limit)
+        except BadBody:
+            # Logged as the listener logs requests it cannot parse: one throttled line.
+            self._server.request_errors.bad_request(request.remote or "?", "unreadable body")
+            raise
+
     def _parse_json(self, body: bytes) -> tuple[str, bytes, int, bool]:
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("body is not valid JSON") from None
+        except RecursionError:
+            # Nesting deep enough to exhaust the parser's stack: no valid request nests at all.
+            raise BadRequest("body is not valid JSON: nested too deeply") from None
         if not isinstance(document, dict):
             raise BadRequest('body must be a JSON object: {"topic", "payload" (base64), "qos", "retain"}')
         topic = document.get("topic")

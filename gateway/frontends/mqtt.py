@@ -33,7 +33,7 @@ from gateway.frontends.flow import (
     WriteGather,
     admit,
 )
-from gateway.frontends.peers import peer_address, peer_identity
+from gateway.frontends.peers import password_refused, peer_address, peer_identity
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.mqtt.codec import (
     PINGRESP_BYTES,
@@ -76,9 +76,6 @@ from gateway.topics import validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.mqtt")
 
-#: A client that connects and sends no CONNECT within this time is dropped.
-CONNECT_TIMEOUT = 10.0
-
 _ALLOW = Outcome.ALLOW
 
 
@@ -120,7 +117,7 @@ class MQTTConnection(asyncio.Protocol):
         "_closing", "_clean_disconnect", "_last_rx", "_keepalive_handle",
         "_metrics_out", "_metrics_in", "_max_payload", "_max_topic", "_deny_disconnect",
         "_registered", "_taken_over", "_pauses", "_received", "_sent",
-        "_router", "_shared_head",
+        "_router", "_shared_head", "_subscribe_bucket",
     )
 
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig, registry: SessionRegistry) -> None:
@@ -165,6 +162,7 @@ class MQTTConnection(asyncio.Protocol):
         self._pauses = ReadPauses(lambda: self._closing)
         #: Inbound packets in order, and this connection's side of backpressure.
         self.publisher = InboundFlow(self.loop, self, self._output, self._pauses, ctx.ratelimits.new_message_bucket())
+        self._subscribe_bucket = ctx.ratelimits.new_subscribe_bucket()
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -174,14 +172,14 @@ class MQTTConnection(asyncio.Protocol):
         self.transport = transport
         self._output.transport = transport
         ip, self.peer = peer_address(transport)
-        self.tls_identity = peer_identity(transport)
+        self.tls_identity = peer_identity(transport, self.ctx.config.auth.mtls_identity)
         self._pauses.attach(transport)
         if not admit(self.ctx, self.listener, self, Protocol.MQTT, ip, self.peer):
             transport.abort()
             return
         self._registered = True
         self._last_rx = self.loop.time()
-        self._keepalive_handle = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
+        self._keepalive_handle = self.loop.call_later(self.ctx.config.limits.handshake_timeout, self._connect_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -388,7 +386,7 @@ class MQTTConnection(asyncio.Protocol):
     def _connect_timeout(self) -> None:
         self._keepalive_handle = None
         if self.connect is None:
-            self._protocol_error(f"no CONNECT within {CONNECT_TIMEOUT:g}s")
+            self._protocol_error(f"no CONNECT within {self.ctx.config.limits.handshake_timeout:g}s")
 
     def _keepalive_check(self, interval: float) -> None:
         idle = self.loop.time() - self._last_rx
@@ -431,10 +429,12 @@ class MQTTConnection(asyncio.Protocol):
             peer=self.peer,
             tls_identity=self.tls_identity,
         )
-        decision = await ctx.dispatcher.decide(event)
+        refused = password_refused(ctx.config.auth, self.listener, event.secret)
+        decision = refused or await ctx.dispatcher.decide(event)
         if self._closing:
             return
-        code = _connack_code(decision, connect)
+        # 0x05 as Mosquitto answers every refusal: the password may be right, this listener does not take it.
+        code = CONNACK_NOT_AUTHORIZED if refused else _connack_code(decision, connect)
         if code != CONNACK_ACCEPTED or decision.identity is None:
             self._output.write(encode_connack(False, code or CONNACK_NOT_AUTHORIZED))
             self.close(f"CONNECT refused ({code})")
@@ -568,6 +568,7 @@ class MQTTConnection(asyncio.Protocol):
         codes: list[int] = []
         retained: list[tuple[Message, int]] = []
         router = self.ctx.router
+        cap = self.ctx.config.limits.max_subscriptions_per_client
         for topic_filter, requested_qos in packet.topics:
             try:
                 validate_topic_filter(topic_filter, self._max_topic)
@@ -575,6 +576,15 @@ class MQTTConnection(asyncio.Protocol):
                 log.info("SUBSCRIBE from %r: %s", session.client_id, exc)
                 codes.append(SUBACK_FAILURE)
                 continue
+            if cap and topic_filter not in session.subscriptions and len(session.subscriptions) >= cap:
+                # 0x80 per extra filter (what MQTT 3.1.1 has); the ones already held keep working.
+                self.ctx.state.note_refused(self.listener.name, "max_subscriptions_per_client", self.peer)
+                codes.append(SUBACK_FAILURE)
+                continue
+            # Slowed, not refused: reading pauses until the client's subscribe bucket has a token.
+            await self._pauses.wait_for_token(self._subscribe_bucket)
+            if self._closing:
+                return
             decision = await self.auth.subscribe(topic_filter)
             if self._closing:
                 return

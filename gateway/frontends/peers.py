@@ -1,17 +1,43 @@
 """Who is on the other end of a transport: its address and its verified certificate.
 
 One place for every frontend, so one peer and one certificate read the same
-on every protocol (logs, rate-limit keys, `AuthEvent.peer`/`tls_identity`).
+on every protocol (logs, rate-limit keys, `AuthEvent.peer`/`tls_identity`),
+and one rule for passwords on plaintext listeners (`auth.require_tls_for_passwords`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
+from typing import Final
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gateway.config_types import AuthConfig, GatewayConfig, ListenerConfig
+from gateway.events import Decision, Protocol, Secret
 
 log = logging.getLogger("polygate.tls")
+
+#: `auth.mtls_identity` values.
+MTLS_IDENTITY_FIELDS: Final = ("common_name", "san_dns", "san_uri", "san_email")
+_SAN_TYPES: Final[dict[str, type[x509.GeneralName]]] = {
+    "san_dns": x509.DNSName,
+    "san_uri": x509.UniformResourceIdentifier,
+    "san_email": x509.RFC822Name,
+}
+#: The reason a password on a plaintext listener is refused (audit and debug log; no secret in it).
+PLAINTEXT_PASSWORD_REFUSED: Final = "passwords are refused on plaintext listeners (auth.require_tls_for_passwords)"
+#: `server.<kind>` sections and the protocol whose auth decides whether they take passwords.
+_LISTENER_PROTOCOLS: Final = (
+    ("tcp", Protocol.MQTT),
+    ("websocket", Protocol.MQTT),
+    ("http", Protocol.HTTP),
+    ("coap", Protocol.COAP),
+    ("amqp", Protocol.AMQP),
+    ("amqp091", Protocol.AMQP091),
+)
 
 
 def format_peer(host: str, port: int) -> str:
@@ -28,11 +54,34 @@ def peer_address(transport: asyncio.BaseTransport) -> tuple[str, str]:
     return host, format_peer(host, port)
 
 
-def peer_identity(transport: asyncio.BaseTransport) -> str:
-    """The verified client certificate's subject in RFC 4514 form ("CN=device-1,O=acme"), or "".
+def certificate_identity(certificate: x509.Certificate, field: str = "common_name") -> str:
+    """The `auth.mtls_identity` field of a certificate: its first value of that kind, or "" when it has none.
 
-    RFC 4514 orders and escapes the names, so a subject like O="x,CN=admin"
-    cannot read like a different one.
+    Only the first value counts, so which of several names a device is known by
+    never depends on the order a provider happens to try them in.
+    """
+    if field == "common_name":
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return _text(value.value for value in names)
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ""
+    return _text(san.get_values_for_type(_SAN_TYPES[field]))  # type: ignore[arg-type]
+
+
+def _text(values: Iterable[object]) -> str:
+    for value in values:
+        # A CN may be a BMPString decoded to str or, rarely, raw bytes: only text is an identity.
+        return value if isinstance(value, str) else ""
+    return ""
+
+
+def peer_identity(transport: asyncio.BaseTransport, field: str = "common_name") -> str:
+    """The verified client certificate's identity (`auth.mtls_identity` field), or "".
+
+    "" when the connection is not TLS, the client sent no certificate, the
+    certificate was not verified or it lacks that field.
     """
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
@@ -42,7 +91,41 @@ def peer_identity(transport: asyncio.BaseTransport) -> str:
     if not der or not ssl_object.getpeercert():
         return ""
     try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        return certificate_identity(x509.load_der_x509_certificate(der), field)
     except ValueError:
         log.warning("client certificate could not be parsed; no TLS identity")
         return ""
+
+
+def password_refused(auth: AuthConfig, listener: ListenerConfig, secret: Secret) -> Decision | None:
+    """A denial when `auth.require_tls_for_passwords` forbids this password here; None to go on as usual.
+
+    A certificate identity or an anonymous client carries no secret, so it is never refused here.
+    """
+    if not auth.require_tls_for_passwords or listener.tls or not secret:
+        return None
+    log.debug("%s: a password on a plaintext listener was refused", listener.name)
+    return Decision.deny(PLAINTEXT_PASSWORD_REFUSED)
+
+
+def plaintext_password_listeners(config: GatewayConfig) -> list[ListenerConfig]:
+    """The plaintext listeners (CoAP always is one) of protocols whose operations need auth."""
+    found: list[ListenerConfig] = []
+    for kind, protocol in _LISTENER_PROTOCOLS:
+        if not config.auth.protocols.get(protocol, True) or config.auth.provider == "none":
+            continue
+        found.extend(listener for listener in getattr(config.server, kind) if not listener.tls)
+    return found
+
+
+def warn_plaintext_passwords(config: GatewayConfig) -> None:
+    """One WARNING per plaintext listener that accepts passwords (nothing when they are refused)."""
+    if config.auth.require_tls_for_passwords:
+        return
+    for listener in plaintext_password_listeners(config):
+        log.warning(
+            "%s (%s) accepts passwords in plaintext; use a tls listener, or set "
+            "auth.require_tls_for_passwords: true to refuse them there",
+            listener.name,
+            listener.addr,
+        )

@@ -33,7 +33,7 @@ class TCPListener(abc.ABC):
         """Makes the protocol object for each accepted connection."""
 
     async def start(self) -> None:
-        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections)
+        self.ctx.state.set_limit(self.listener.name, self.listener.max_connections, self.listener.allowed_cidrs)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.connection_factory(),

@@ -17,6 +17,8 @@ sends what accumulated since its last send as one frame; no task per message.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -303,6 +305,28 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+#: The headers aiohttp's handshake reads (and quotes when one is wrong).
+_HANDSHAKE_HEADERS = ("Upgrade", "Connection", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
+                      "Sec-WebSocket-Extensions", "Origin")
+
+
+def _valid_handshake(request: web.Request) -> bool:
+    """Handshake headers are ASCII, and a key, when present, is 16 bytes in base64.
+
+    An absent key is aiohttp's to answer (a plain GET gets 426).
+    """
+    headers = request.headers
+    if not all(value.isascii() for name in _HANDSHAKE_HEADERS for value in headers.getall(name, ())):
+        return False
+    key = headers.get("Sec-WebSocket-Key", "")
+    if not key:
+        return True
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, binascii.Error):
+        return False
+
+
 def _peer(transport: asyncio.BaseTransport) -> str:
     return peer_address(transport)[1] or "an unknown peer"
 
@@ -334,7 +358,7 @@ class WebSocketFrontend:
         )
 
     async def start(self) -> None:
-        self._ctx.state.set_limit(self._listener.name, self._listener.max_connections)
+        self._ctx.state.set_limit(self._listener.name, self._listener.max_connections, self._listener.allowed_cidrs)
         await self._server.start()
 
     @property
@@ -359,6 +383,10 @@ class WebSocketFrontend:
             compress=False,
             timeout=CLOSE_TIMEOUT,
         )
+        if not _valid_handshake(request):
+            # aiohttp's own checks let a non-ASCII key escape as a ValueError, and
+            # echo a bad header into an error text it cannot encode: both a 500.
+            return web.Response(status=400, text="malformed WebSocket handshake headers\n")
         if not ws.can_prepare(request):
             return web.Response(
                 status=426,

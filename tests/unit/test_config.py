@@ -123,6 +123,7 @@ def test_example_config_documents_every_key() -> None:
     text = (CONFIGS / "polygate.yaml").read_text()
     keys = {"server", "auth", "ratelimit", "limits", "health_addr", "shutdown_timeout", "addr", "max_connections"}
     keys |= {"cert_file", "key_file", "ca_file", "client_auth", "path", "plain", "tls", "mtls"}
+    keys |= {"min_version", "cipher_suites", "self_signed"}
     keys |= set(config_module._LISTENER_KINDS)
     keys |= set(config_module._AUTH) | set(config_module._RATELIMIT) | set(config_module._RATE)
     keys |= set(config_module._LIMITS)
@@ -169,6 +170,8 @@ def test_example_config_documents_every_key() -> None:
         ({"auth": {"url": 7016}}, "auth.url: expected a string, got an integer (7016)"),
         ({"auth": {"max_inflight": 0}}, "auth.max_inflight: must be at least 1 (got 0)"),
         ({"auth": {"stale_if_error": "later"}}, "auth.stale_if_error: invalid duration 'later'"),
+        ({"auth": {"mtls_identity": "subject"}}, "auth.mtls_identity: must be one of common_name, san_dns, san_uri, san_email (got 'subject')"),
+        ({"auth": {"require_tls_for_passwords": "yes"}}, "auth.require_tls_for_passwords: expected a boolean (true or false), got a string ('yes')"),
         ({"auth": {"identity_cache_size": 0}}, "auth.identity_cache_size: must be at least 1 (got 0)"),
         ({"auth": {"circuit_breaker": {"failures": 0}}}, "auth.circuit_breaker.failures: must be at least 1 (got 0)"),
         ({"auth": {"circuit_breaker": {"open_for": "0s"}}}, "auth.circuit_breaker.open_for: must be longer than 0s"),
@@ -497,7 +500,7 @@ def test_tls_client_auth_needs_a_ca(pem_files: dict[str, str]) -> None:
     tls = {"addr": ":0", "cert_file": pem_files["cert_file"], "key_file": pem_files["key_file"], "client_auth": "optional"}
     assert problems_of({"server": {"http": {"tls": tls}}}) == ("server.http.tls.ca_file: required when client_auth is optional",)
     assert problems_of({"server": {"tcp": {"tls": {**tls, "client_auth": "always"}}}}) == (
-        "server.tcp.tls.client_auth: must be one of require, optional, none (got 'always')",
+        "server.tcp.tls.client_auth: must be one of none, request, require (got 'always')",
     )
 
 
@@ -759,3 +762,77 @@ def test_parse_size_reads_every_unit(number: int, unit: str) -> None:
 def test_parse_size_refuses_what_is_no_size(text: object) -> None:
     with pytest.raises(ValueError):
         config_module.parse_size(text)
+
+
+# --------------------------------------------------------------------------- listener TLS settings (issue 19)
+
+_TCP_KINDS = ("tcp", "websocket", "http", "amqp", "amqp091")
+
+
+def test_every_tcp_listener_kind_takes_tls_and_mtls(all_kinds: None, pem_files: dict[str, str]) -> None:
+    files = {"cert_file": pem_files["cert_file"], "key_file": pem_files["key_file"]}
+    server: dict[str, Any] = {}
+    for index, kind in enumerate(_TCP_KINDS):
+        server[kind] = {
+            "tls": {"addr": f"127.0.0.1:{20000 + index}", **files, "ca_file": pem_files["ca_file"], "client_auth": "optional",
+                    "min_version": "tls1.3", "cipher_suites": "ECDHE+AESGCM"},
+            "mtls": {"addr": f"127.0.0.1:{21000 + index}", **files, "ca_file": pem_files["ca_file"]},
+        }
+    parsed = parse_config({"server": server}).server
+    for kind in _TCP_KINDS:
+        tls, mtls = getattr(parsed, kind)
+        assert (tls.name, tls.client_auth, tls.min_version, tls.cipher_suites) == (f"server.{kind}.tls", "request", "tls1.3", "ECDHE+AESGCM")
+        assert (mtls.name, mtls.client_auth, mtls.min_version, mtls.cipher_suites, mtls.self_signed) == (
+            f"server.{kind}.mtls", "require", "tls1.2", "", False)
+        assert tls.tls and mtls.tls
+
+
+def test_self_signed_needs_no_certificate_files(all_kinds: None) -> None:
+    server = parse_config({"server": {"amqp091": {"tls": {"addr": ":0", "self_signed": True}}}}).server
+    (listener,) = server.amqp091
+    assert listener.self_signed and listener.tls and listener.cert_file is None
+
+
+def test_listener_tls_errors_name_the_key(all_kinds: None, pem_files: dict[str, str]) -> None:
+    files = {"cert_file": pem_files["cert_file"], "key_file": pem_files["key_file"]}
+    problems = problems_of({"server": {
+        "http": {"tls": {"addr": ":0", **files, "min_version": "tls1.1"}},
+        "amqp": {"tls": {"addr": ":1", **files, "cipher_suites": "NO-SUCH-CIPHER"}},
+        "websocket": {"mtls": {"addr": ":2", **files, "ca_file": pem_files["ca_file"], "client_auth": "none"}},
+        "tcp": {"tls": {"addr": ":3", "cert_file": pem_files["cert_file"], "self_signed": True}},
+        "amqp091": {"tls": {"addr": ":4", "self_signed": "yes"}, "mtls": {"addr": ":5", "self_signed": True}},
+    }})
+    assert problems == (
+        "server.tcp.tls.cert_file: not allowed with self_signed: true (the certificate is made at start)",
+        "server.websocket.mtls.client_auth: an mtls listener always requires client certificates (leave it out, or use a tls block)",
+        "server.http.tls.min_version: must be one of tls1.2, tls1.3 (got 'tls1.1')",
+        "server.amqp.tls.cipher_suites: OpenSSL accepts no cipher in 'NO-SUCH-CIPHER' (see `openssl ciphers`)",
+        "server.amqp091.tls.self_signed: expected a boolean (true or false), got a string ('yes')",
+        "server.amqp091.tls.cert_file: required for a TLS listener",
+        "server.amqp091.tls.key_file: required for a TLS listener",
+        "server.amqp091.mtls.ca_file: required for an mTLS listener",
+    )
+
+
+def test_coap_takes_no_tls_block() -> None:
+    assert problems_of({"server": only_tcp(coap={"tls": {"addr": ":0", "self_signed": True}})}) == (
+        "server.coap.tls: unknown key",
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40))
+def test_any_cipher_string_is_accepted_or_named(cipher_suites: str) -> None:
+    data = {"server": only_tcp(tcp={"tls": {"addr": ":0", "self_signed": True, "cipher_suites": cipher_suites}})}
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        assert len(exc.problems) == 1 and exc.problems[0].startswith("server.tcp.tls.cipher_suites: ")
+
+
+def test_certificate_identity_and_plaintext_password_settings() -> None:
+    defaults = parse_config({}).auth
+    assert (defaults.mtls_identity, defaults.require_tls_for_passwords) == ("common_name", False)
+    for field in ("common_name", "san_dns", "san_uri", "san_email"):
+        auth = parse_config({"auth": {"mtls_identity": field, "require_tls_for_passwords": True}}).auth
+        assert (auth.mtls_identity, auth.require_tls_for_passwords) == (field, True)

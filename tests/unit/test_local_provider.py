@@ -217,7 +217,7 @@ async def test_wrong_password_and_unknown_user_look_the_same(seeded: LocalProvid
 
 
 async def test_unknown_user_costs_a_real_verification(seeded: LocalProvider, monkeypatch: pytest.MonkeyPatch) -> None:
-    import auth_providers.local as local_module
+    import auth_providers.password_checks as local_module  # where the check runs
 
     checked: list[str] = []
     real = local_module.verify_password

@@ -277,3 +277,87 @@ def test_malformed_hash_is_false_and_logged_without_secrets(bad: str, caplog: py
     assert "topsecret" not in caplog.text
     if bad:
         assert bad not in caplog.text
+
+
+# -- certificate identities -----------------------------------------------------------------------
+
+
+def test_a_certificate_only_user_has_an_identity_and_no_usable_password(store: LocalStore) -> None:
+    store.add_user("dev1", None, cert_identity="dev1.example.com")
+    user = store.get_user("dev1")
+    assert user is not None and user.cert_identity == "dev1.example.com"
+    # A hash of a secret nobody knows: every password fails the ordinary way.
+    assert not verify_password(user.password_hash, Secret(""))
+    assert not verify_password(user.password_hash, Secret("dev1"))
+    snapshot = store.snapshot()
+    assert snapshot.certificates["dev1.example.com"].username == "dev1"
+
+
+def test_a_user_without_password_needs_a_certificate_identity(store: LocalStore) -> None:
+    with pytest.raises(StoreError, match="needs a certificate identity"):
+        store.add_user("dev1", None)
+    assert store.get_user("dev1") is None
+
+
+def test_cert_identity_is_set_changed_cleared_and_unique(store: LocalStore) -> None:
+    store.add_user("dev1", Secret("pw"))
+    store.add_user("dev2", Secret("pw"), cert_identity="two")
+    assert store.get_user("dev1").cert_identity == ""  # type: ignore[union-attr]
+    before = store.revision()
+    store.set_cert_identity("dev1", "one")
+    assert store.revision() > before  # the gateway notices the change
+    assert store.snapshot().certificates.keys() == {"one", "two"}
+    with pytest.raises(StoreError, match="already belongs to user 'dev2'"):
+        store.set_cert_identity("dev1", "two")
+    with pytest.raises(StoreError, match="already belongs to user 'dev1'"):
+        store.add_user("dev3", Secret("pw"), cert_identity="one")
+    assert store.get_user("dev3") is None
+    store.set_cert_identity("dev1", "one")  # its own identity again: no conflict
+    store.set_cert_identity("dev1", None)
+    assert store.snapshot().certificates.keys() == {"two"}
+    with pytest.raises(StoreError, match="no user"):
+        store.set_cert_identity("ghost", "x")
+
+
+@pytest.mark.parametrize("bad", ["", "a\x00b", "line\nbreak", "x" * 1025])
+def test_bad_cert_identities_are_refused(store: LocalStore, bad: str) -> None:
+    store.add_user("dev1", Secret("pw"))
+    with pytest.raises(StoreError, match="certificate identity"):
+        store.set_cert_identity("dev1", bad)
+
+
+def test_a_database_from_before_certificate_identities_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE users (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL,
+            superuser INTEGER NOT NULL DEFAULT 0 CHECK (superuser IN (0, 1)), created_at TEXT NOT NULL);
+        CREATE TABLE acl (username TEXT NOT NULL, pattern TEXT NOT NULL, ops TEXT NOT NULL,
+            deny INTEGER NOT NULL DEFAULT 0 CHECK (deny IN (0, 1)), UNIQUE (username, pattern, deny));
+        INSERT INTO meta VALUES ('schema_version', 1), ('revision', 7);
+        """
+    )
+    conn.execute("INSERT INTO users VALUES ('old', ?, 0, '2026-01-01T00:00:00+00:00')", (hash_password(Secret("pw")),))
+    conn.commit()
+    conn.close()
+    with LocalStore(str(path)) as store:
+        old = store.get_user("old")
+        assert old is not None and old.cert_identity == "" and verify_password(old.password_hash, Secret("pw"))
+        store.set_cert_identity("old", "old-device")
+        store.add_user("new", Secret("pw"), cert_identity="new-device")
+        assert store.snapshot().certificates.keys() == {"old-device", "new-device"}
+    with LocalStore(str(path)) as again:  # a second open finds the column and adds nothing
+        assert again.get_user("old").cert_identity == "old-device"  # type: ignore[union-attr]
+
+
+def test_certificate_user_matches_only_its_own_user() -> None:
+    dev1 = local_store.UserRecord(username="dev1", password_hash="", cert_identity="dev1")
+    certificates = {"dev1": dev1}
+    assert local_store.certificate_user(certificates, "", "dev1") is dev1
+    assert local_store.certificate_user(certificates, "dev1", "dev1") is dev1
+    assert local_store.certificate_user(certificates, "root", "dev1") is None  # never logs in anyone else
+    assert local_store.certificate_user(certificates, "", "stranger") is None
+    assert local_store.certificate_user(certificates, "", "") is None
+    assert local_store.certificate_user({}, "dev1", "dev1") is None  # a user without an identity
