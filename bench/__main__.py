@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {"mqtt": "bench.mqtt_bench", "auth": "bench.auth_bench", "latency": "bench.latency_bench",
               "amqp": "bench.amqp_bench", "memory": "bench.memory_bench", "storm": "bench.storm_bench",
               "authpath": "bench.authpath_bench", "persist": "bench.persist_bench", "hotpath": "bench.hotpath_bench",
+              "tls": "bench.tls_bench",
               "all": "bench.all_bench"}
 
 

@@ -35,10 +35,10 @@ from typing import Any
 
 from bench.entry import Log, log_to_stderr, target_lines, terminate_on_sigterm
 from bench import (amqp_bench, auth_bench, authpath_bench, latency_bench, memory_bench, mqtt_bench, mqtt_lineup,
-                   peers, persist_bench, storm_bench)
+                   peers, persist_bench, storm_bench, tls_bench)
 
 DEFAULT_JSON = Path("bench-results.json")
-PARTS = ("mqtt", "auth", "storm", "authpath", "memory", "latency", "amqp", "persist")
+PARTS = ("mqtt", "auth", "storm", "authpath", "memory", "latency", "amqp", "persist", "tls")
 TARGET_IDLE_KB = 16.0
 
 
@@ -121,6 +121,9 @@ def parts(*, quick: bool, setup: bool) -> dict[str, Part]:
         persist_options = persist_bench.quick_options(
             setup=setup, brokers=(persist_bench.POLYGATE_SQLITE, persist_bench.POLYGATE_MEMORY),
             rss_brokers=(persist_bench.POLYGATE_SQLITE, persist_bench.POLYGATE_MEMORY))
+    tls_options = tls_bench.TLSOptions(**tls_bench.QUICK, setup=setup) if quick else tls_bench.TLSOptions(setup=setup)
+    if quick:
+        tls_options = dataclasses.replace(tls_options, brokers=(tls_bench.POLYGATE_TLS,))
     storm_clients = 20 if quick else storm_bench.DEFAULT_CLIENTS
     memory_counts = (50,) if quick else (1_000, 10_000)
     memory_brokers = (peers.POLYGATE_NONE,) if quick else (peers.POLYGATE_NONE, peers.MOSQUITTO)
@@ -145,6 +148,8 @@ def parts(*, quick: bool, setup: bool) -> dict[str, Part]:
         "persist": Part("persist", lambda log: persist_bench.run(persist_options, log=log),
                         persist_bench.format_report, lambda report: report.to_json(),
                         lambda report: report.targets),
+        "tls": Part("tls", lambda log: tls_bench.run(tls_options, log=log), tls_bench.format_report,
+                    lambda report: report.to_json(), lambda report: report.targets),
     }
 
 

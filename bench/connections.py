@@ -14,6 +14,7 @@ import queue
 import resource
 import selectors
 import socket
+import ssl
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,9 @@ from bench import load, mqtt_bench, peers
 W_READY, W_CONNECTED, W_REFUSED, W_DONE, W_LAST = range(5)
 WORKER_SLOTS = 5
 CONNACK_DEADLINE_S = 60.0
+#: Clients per loopback source address: below Polygate's default limits.max_connections_per_ip (1,000),
+#: so that thousands of clients look like what they stand for, many devices, not one host.
+CLIENTS_PER_SOURCE = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,6 +42,18 @@ class ConnectPlan:
     credentials: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)
     #: CONNECTs sent and not yet answered, at most (0: all at once, a storm).
     window: int = 0
+    #: The CA file of the broker's certificate: connect over TLS. Every handshake of a worker runs at
+    #: once (non-blocking), each client's CONNECT goes out as soon as its handshake is done.
+    tls_ca: str | None = None
+    #: Source addresses the clients connect from, in turn (Linux routes all of 127/8 to lo); () lets the OS pick.
+    sources: tuple[str, ...] = ()
+
+
+def loopback_sources(worker: int, clients: int) -> tuple[str, ...]:
+    """Source addresses for `clients` clients of worker number `worker`: CLIENTS_PER_SOURCE each, none shared
+    with another worker (127.<worker + 1>.<n>.1)."""
+    count = max(1, -(-clients // CLIENTS_PER_SOURCE))
+    return tuple(f"127.{worker + 1}.{n // 250}.{n % 250 + 1}" for n in range(count))
 
 
 def raise_nofile_limit(wanted: int) -> int:
@@ -56,8 +72,8 @@ def raise_nofile_limit(wanted: int) -> int:
 def open_connections(plan: ConnectPlan, counters: Any) -> tuple[list[socket.socket], list[float], int]:
     """Connect every client of `plan`; returns the sockets, CONNACK latencies (s) and refusals.
 
-    A client's latency runs from the start of its TCP connect to its CONNACK.
-    Refused clients (CONNACK return code != 0) are closed and counted, not raised:
+    A client's latency runs from the start of its TCP connect to its CONNACK (its TLS
+    handshake included). Refused clients (CONNACK return code != 0) are closed and counted, not raised:
     a storm reports how many the gateway turned away.
     """
     selector = selectors.DefaultSelector()
@@ -65,7 +81,22 @@ def open_connections(plan: ConnectPlan, counters: Any) -> tuple[list[socket.sock
     latencies: list[float] = []
     refused = 0
     pending: dict[socket.socket, tuple[float, load.PacketReader]] = {}
+    #: TLS sockets whose handshake is under way -> the CONNECT to send once it is done.
+    handshaking: dict[socket.socket, bytes] = {}
     deadline = time.monotonic() + CONNACK_DEADLINE_S
+
+    def go_on_handshake(sock: ssl.SSLSocket) -> None:
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            selector.modify(sock, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            selector.modify(sock, selectors.EVENT_WRITE)
+            return
+        sock.settimeout(load.CONNECT_TIMEOUT_S)
+        sock.sendall(handshaking.pop(sock))
+        selector.modify(sock, selectors.EVENT_READ)
 
     def drain(until_pending: int, *, poll_only: bool = False) -> None:
         nonlocal refused
@@ -78,8 +109,11 @@ def open_connections(plan: ConnectPlan, counters: Any) -> tuple[list[socket.sock
                 return
             for key, _ in ready:
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                if sock in handshaking:
+                    go_on_handshake(sock)  # type: ignore[arg-type]
+                    continue
                 started, reader = pending[sock]
-                data = sock.recv(65536)
+                data = load.recv_all(sock, 65536)
                 if not data:
                     raise load.LoadError("the broker closed a connection before its CONNACK")
                 for header, body in reader.feed(data):
@@ -104,11 +138,21 @@ def open_connections(plan: ConnectPlan, counters: Any) -> tuple[list[socket.sock
         for index, client_id in enumerate(plan.client_ids):
             username, password = plan.credentials[index] if plan.credentials else (None, None)
             started = time.monotonic()
-            sock = socket.create_connection((plan.host, plan.port), timeout=load.CONNECT_TIMEOUT_S)
+            source = (plan.sources[index % len(plan.sources)], 0) if plan.sources else None
+            sock = socket.create_connection((plan.host, plan.port), timeout=load.CONNECT_TIMEOUT_S,
+                                            source_address=source)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(load.connect_packet(client_id, username, password))
+            connect = load.connect_packet(client_id, username, password)
+            if plan.tls_ca:
+                sock.setblocking(False)
+                sock = load.tls_context(plan.tls_ca).wrap_socket(
+                    sock, server_hostname=load.TLS_SERVER_NAME, do_handshake_on_connect=False)
+                handshaking[sock] = connect
+                selector.register(sock, selectors.EVENT_WRITE)
+            else:
+                sock.sendall(connect)
+                selector.register(sock, selectors.EVENT_READ)
             pending[sock] = (started, load.PacketReader())
-            selector.register(sock, selectors.EVENT_READ)
             if plan.window:
                 drain(plan.window - 1)
             else:

@@ -17,12 +17,16 @@ reads end-to-end latency straight off each message.
 
 `storm_main` drives many raw connections from one process: every CONNECT is
 sent before any CONNACK is read, so the broker sees them all at once.
+
+With `tls_ca` set, the raw client connects over TLS (the broker's certificate
+must be signed by that CA, for the name "localhost").
 """
 
 from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import struct
 import time
 import traceback
@@ -86,6 +90,8 @@ class LoadConfig:
     publishers: int = 1
     #: False: a persistent session (clean session 0), as bench persist's subscriber uses.
     clean_session: bool = True
+    #: The CA file of the broker's certificate: the raw client connects over TLS.
+    tls_ca: str | None = None
 
     def payload(self, phase: int, sent_ns: int = 0) -> bytes:
         if self.size < STAMP_END:
@@ -210,15 +216,49 @@ class PacketReader:
         return packets
 
 
+_TLS_CONTEXTS: dict[str, ssl.SSLContext] = {}
+#: The name the brokers' benchmark certificates are made for.
+TLS_SERVER_NAME = "localhost"
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """A client context trusting `ca_file`, one per process (contexts are costly to build)."""
+    context = _TLS_CONTEXTS.get(ca_file)
+    if context is None:
+        context = _TLS_CONTEXTS[ca_file] = ssl.create_default_context(cafile=ca_file)
+    return context
+
+
+def recv_all(sock: socket.socket, size: int = 262144) -> bytes:
+    """What one read returns, plus what a TLS socket has already decrypted: select() cannot see that."""
+    data = sock.recv(size)
+    if data and isinstance(sock, ssl.SSLSocket):
+        while pending := sock.pending():
+            data += sock.recv(pending)
+    return data
+
+
+def open_socket(config: LoadConfig) -> socket.socket:
+    """A connection to the broker (blocking, with a timeout), over TLS when `config.tls_ca` is set."""
+    sock = socket.create_connection((config.host, config.port), timeout=CONNECT_TIMEOUT_S)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if config.tls_ca:
+            return tls_context(config.tls_ca).wrap_socket(sock, server_hostname=TLS_SERVER_NAME)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class RawClient:
     """Blocking-socket MQTT 3.1.1 client: just enough for the benchmark."""
 
     def __init__(self, config: LoadConfig) -> None:
         self.config = config
         self.reader = PacketReader()
-        self.sock = socket.create_connection((config.host, config.port), timeout=CONNECT_TIMEOUT_S)
+        self.sock = open_socket(config)
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.sendall(connect_packet(config.client_id, config.username, config.password,
                                              clean=config.clean_session))
             _, body = self.expect(0x20)
@@ -229,7 +269,7 @@ class RawClient:
             raise LoadError(f"{config.client_id}: CONNACK return code {body[1]} (refused)")
 
     def read_packets(self) -> list[tuple[int, bytes]]:
-        data = self.sock.recv(262144)
+        data = recv_all(self.sock)
         if not data:
             raise LoadError(f"{self.config.client_id}: the broker closed the connection")
         return self.reader.feed(data)

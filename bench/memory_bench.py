@@ -90,8 +90,8 @@ def measure(name: str, count: int, workers: int, root: Path) -> MemoryRun:
             raise mqtt_bench.RunFailed(f"{name} may open only {nofile} files, fewer than {count} connections")
         client_ids = tuple(f"idle-{i}" for i in range(count))
         plans = [connections.ConnectPlan(host="127.0.0.1", port=broker.port, client_ids=ids,
-                                         window=CONNECT_WINDOW)
-                 for ids in connections.split(client_ids, workers)]
+                                         window=CONNECT_WINDOW, sources=connections.loopback_sources(worker, len(ids)))
+                 for worker, ids in enumerate(connections.split(client_ids, workers))]
         before = settled_rss(broker.pid)
         with connections.held_connections(broker, plans) as opened:
             if opened.refused:

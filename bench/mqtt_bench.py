@@ -283,6 +283,7 @@ def measure(broker: peers.RunningBroker, qos: int, options: BenchOptions, *,
         "size": options.size, "inflight": options.inflight, "batch": options.batch,
         "qos0_lead": options.qos0_lead, "publishers": options.publishers,
         "username": creds.username if creds else None, "password": creds.password if creds else None,
+        "tls_ca": broker.tls_ca,
     }
     per_publisher = [options.messages // options.publishers + (1 if i < options.messages % options.publishers else 0)
                      for i in range(options.publishers)]

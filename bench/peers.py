@@ -55,6 +55,15 @@ class Credentials:
     password: str = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSFiles:
+    """A server certificate for "localhost" and its key, and the CA file a client trusts for it."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 @dataclass(slots=True, kw_only=True)
 class RunningBroker:
     name: str
@@ -65,6 +74,8 @@ class RunningBroker:
     log_path: Path
     #: Polygate's health listener (`/metrics`), when it was started with one.
     health_port: int | None = None
+    #: The CA file of its MQTT listener's certificate when that listener is TLS.
+    tls_ca: str | None = None
 
     @property
     def pid(self) -> int:
@@ -247,27 +258,29 @@ def polygate_version(source: Path | None = None) -> str:
 
 # ---- the brokers ----
 
-def start_mosquitto(workdir: Path, *, setup: bool, persistence: bool = False) -> RunningBroker:
-    """Mosquitto on a free loopback port; `persistence` turns its persistence on, its database in `workdir`."""
+def start_mosquitto(workdir: Path, *, setup: bool, persistence: bool = False, tls: TLSFiles | None = None) -> RunningBroker:
+    """Mosquitto on a free loopback port; `persistence` turns its persistence on, its database in `workdir`;
+    `tls`: its listener is TLS with that certificate."""
     path = ensure_mosquitto(setup=setup)
     port = free_port()
     conf = workdir / "mosquitto.conf"
+    tls_lines = f"certfile {tls.cert}\nkeyfile {tls.key}\n" if tls else ""
     if persistence:
         # Mosquitto keeps everything in memory and writes the whole database every
         # autosave_interval (default 1800 s) and at shutdown; those defaults are kept.
         data = workdir / "mosquitto-data"
         data.mkdir(parents=True, exist_ok=True)
         persistence_lines = f"persistence true\npersistence_location {data}/\n"
-        if os.geteuid() == 0:
-            # As root it would switch to the `mosquitto` user, which cannot write into our
-            # temp dirs (mode 0700); `user root` keeps it as it was started.
-            persistence_lines += "user root\n"
     else:
         persistence_lines = "persistence false\n"
     # log_dest stderr: mosquitto drops root privileges and could not open a log
     # file in our temp dir; stderr is the inherited log file descriptor.
+    # As root it would switch to the `mosquitto` user, which can neither write into our temp
+    # dirs (mode 0700) nor read a key there; `user root` keeps it as it was started.
+    user_line = "user root\n" if os.geteuid() == 0 and (persistence or tls) else ""
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
+        + tls_lines + user_line +
         "allow_anonymous true\n"
         + persistence_lines +
         # Its default of 1000 queued messages per client drops QoS 1 messages a
@@ -278,7 +291,7 @@ def start_mosquitto(workdir: Path, *, setup: bool, persistence: bool = False) ->
         "log_type error\nlog_type warning\n")
     process, log_path = launch([path, "-c", str(conf)], name=MOSQUITTO, port=port, workdir=workdir)
     return RunningBroker(name=MOSQUITTO, port=port, version=mosquitto_version(path), credentials=None,
-                         process=process, log_path=log_path)
+                         process=process, log_path=log_path, tls_ca=str(tls.ca) if tls else None)
 
 
 def start_amqtt(workdir: Path, *, setup: bool) -> RunningBroker:
@@ -322,7 +335,8 @@ def _gateway_cli(args: list[str], *, env: dict[str, str], workdir: Path, stdin: 
                                 f"{result.returncode}:\n{tail}")
 
 
-def start_polygate(name: str, workdir: Path, *, extra_yaml: str = "", source: Path | None = None) -> RunningBroker:
+def start_polygate(name: str, workdir: Path, *, extra_yaml: str = "", source: Path | None = None,
+                   tls: TLSFiles | None = None) -> RunningBroker:
     """Polygate as `name` (its auth provider); `extra_yaml` is added to its config (e.g. a `storage:`
     block), `source` is the gateway tree to run (default this working tree)."""
     db = workdir / "auth.db"
@@ -348,7 +362,7 @@ def start_polygate(name: str, workdir: Path, *, extra_yaml: str = "", source: Pa
             _gateway_cli(["acl", "grant", BENCH_USERNAME, ACL_PATTERN, "--ops", "publish,subscribe",
                           "--db", str(db)], env=env, workdir=workdir)
     return start_gateway(name, workdir, auth_yaml=auth_yaml + extra_yaml, credentials=credentials, env=env,
-                         source=source)
+                         source=source, tls=tls)
 
 
 def _require_gateway_cli() -> None:
@@ -358,20 +372,22 @@ def _require_gateway_cli() -> None:
 
 def start_gateway(name: str, workdir: Path, *, auth_yaml: str, credentials: Credentials | None,
                   env: dict[str, str] | None = None, health: bool = False,
-                  source: Path | None = None) -> RunningBroker:
+                  source: Path | None = None, tls: TLSFiles | None = None) -> RunningBroker:
     """`python -m gateway run` with MQTT on a free loopback port and the given `auth:` YAML block.
 
     `auth_yaml` may carry further top-level blocks (`storage:`, `limits:`). `health`
     also opens the health listener (`/metrics`) on another free port. `source`: the
     gateway tree to run (default this working tree); its version names its commit.
+    `tls`: the MQTT listener is `server.tcp.tls` with that certificate instead of `plain`.
     """
     _require_gateway_cli()
     port = free_port()
     health_port = free_port() if health else None
     health_addr = f"127.0.0.1:{health_port}" if health_port else ""
     conf = workdir / "polygate.yaml"
-    conf.write_text(
-        f"server: {{tcp: {{plain: {{addr: \"127.0.0.1:{port}\"}}}}, health_addr: \"{health_addr}\"}}\n" + auth_yaml)
+    listener = (f"tls: {{addr: \"127.0.0.1:{port}\", cert_file: \"{tls.cert}\", key_file: \"{tls.key}\"}}" if tls
+                else f"plain: {{addr: \"127.0.0.1:{port}\"}}")
+    conf.write_text(f"server: {{tcp: {{{listener}}}, health_addr: \"{health_addr}\"}}\n" + auth_yaml)
     argv = [sys.executable, "-m", "gateway", "run", "--config", str(conf)]
     process, log_path = launch(argv, name=name, port=port, workdir=workdir,
                                 env=env if env is not None else gateway_env({}, source=source))
@@ -382,7 +398,8 @@ def start_gateway(name: str, workdir: Path, *, auth_yaml: str, credentials: Cred
             stop_process_group(process)
             raise
     return RunningBroker(name=name, port=port, version=polygate_version(source), credentials=credentials,
-                         process=process, log_path=log_path, health_port=health_port)
+                         process=process, log_path=log_path, health_port=health_port,
+                         tls_ca=str(tls.ca) if tls else None)
 
 
 def start_auth_service(name: str, workdir: Path, *, users_file: Path, transport: str) -> RunningBroker:

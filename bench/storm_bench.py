@@ -144,8 +144,10 @@ def storm(broker: peers.RunningBroker, transport: str, kind: str, users: Sequenc
     run_id = secrets.token_hex(4)
     client_ids = tuple(f"storm-{kind}-{run_id}-{i}" for i in range(len(users)))
     pairs = tuple((u.username, u.password) for u in users)
-    plans = [connections.ConnectPlan(host="127.0.0.1", port=broker.port, client_ids=ids, credentials=creds)
-             for ids, creds in zip(connections.split(client_ids, workers), connections.split(pairs, workers))]
+    plans = [connections.ConnectPlan(host="127.0.0.1", port=broker.port, client_ids=ids, credentials=creds,
+                                     sources=connections.loopback_sources(worker, len(ids)))
+             for worker, (ids, creds) in enumerate(zip(connections.split(client_ids, workers),
+                                                       connections.split(pairs, workers)))]
     settle_connections(broker)
     before = read_counts()
     with connections.held_connections(broker, plans) as opened:
