@@ -84,6 +84,11 @@ class RequestErrorLog:
 
     def exception(self, msg: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else None
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            # The client left while its answer was being written (aiohttp's ClientConnectionResetError
+            # is one): nothing is wrong on this side.
+            log.debug("%s (listener %s): the client left", msg % args if args else msg, self.listener_name)
+            return
         cause = client_error(exc)
         if cause is not None:
             if msg.startswith("Error handling request"):
