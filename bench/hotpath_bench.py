@@ -208,9 +208,7 @@ def evaluate_targets(rows: Sequence[HotpathRow]) -> list[Target]:
 def format_report(report: HotpathReport) -> str:
     options, machine = report.options, report.machine
     lines = [
-        f"machine: {machine['nproc']} CPUs usable ({machine['cpu_model']}), Python {machine['python']}; load average "
-        f"at start {', '.join(f'{v:.2f}' for v in machine['loadavg'])}, at end "
-        f"{', '.join(f'{v:.2f}' for v in report.loadavg_end)}",
+        mqtt_bench.machine_line(machine, report.loadavg_end),
         f"base: {options.base} ({report.versions[BASE]}); current: {report.versions['current']}",
         f"load: bench mqtt's raw client, {options.publishers} publisher + 1 subscriber, clean sessions; "
         f"{options.messages:,} measured messages per run after {options.warmup_messages:,} warm-up; {options.rounds} "

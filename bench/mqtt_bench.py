@@ -195,6 +195,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def machine_line(machine: dict[str, Any], loadavg_end: Sequence[float]) -> str:
+    """The report's first line: the machine and its load average when the run started and ended."""
+    return (f"machine: {machine['nproc']} CPUs usable ({machine['cpu_model']}), Python {machine['python']}; load "
+            f"average at start {', '.join(f'{v:.2f}' for v in machine['loadavg'])}, at end "
+            f"{', '.join(f'{v:.2f}' for v in loadavg_end)}")
+
+
 # ---- one measured run ----
 
 @contextmanager

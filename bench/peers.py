@@ -273,11 +273,11 @@ def start_mosquitto(workdir: Path, *, setup: bool, persistence: bool = False, tl
         persistence_lines = f"persistence true\npersistence_location {data}/\n"
     else:
         persistence_lines = "persistence false\n"
-    # log_dest stderr: mosquitto drops root privileges and could not open a log
-    # file in our temp dir; stderr is the inherited log file descriptor.
     # As root it would switch to the `mosquitto` user, which can neither write into our temp
     # dirs (mode 0700) nor read a key there; `user root` keeps it as it was started.
     user_line = "user root\n" if os.geteuid() == 0 and (persistence or tls) else ""
+    # log_dest stderr: mosquitto drops root privileges and could not open a log
+    # file in our temp dir; stderr is the inherited log file descriptor.
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
         + tls_lines + user_line +

@@ -266,9 +266,7 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
 def format_report(report: TLSReport) -> str:
     options, machine = report.options, report.machine
     lines = [
-        f"machine: {machine['nproc']} CPUs usable ({machine['cpu_model']}), Python {machine['python']}; load average "
-        f"at start {', '.join(f'{v:.2f}' for v in machine['loadavg'])}, at end "
-        f"{', '.join(f'{v:.2f}' for v in report.loadavg_end)}",
+        mqtt_bench.machine_line(machine, report.loadavg_end),
         "versions: " + ", ".join(f"{name} {version}" for name, version in sorted(report.versions.items())),
         f"polygate-tls: provider none, server.tcp.tls; mosquitto-tls: a TLS listener, anonymous; one server "
         f"certificate for both; {options.rounds} round(s), broker order rotated, median (min-max)",
