@@ -259,7 +259,7 @@ class Dispatcher:
             denied = self.negative_cache.get(key)
             if denied is not None:
                 return denied
-        decision = await self._coalesced(("authn", key), lambda: self.provider.authenticate(event))
+        decision = await self._coalesced("authn", key, lambda: self.provider.authenticate(event), self.authn_cache)
         if decision.outcome is Outcome.UNAVAILABLE:
             return self._stale_or(self.authn_cache, key, decision, event)
         if limiter.enabled:
@@ -267,7 +267,6 @@ class Dispatcher:
                 limiter.failed(source, event.username)
             else:
                 limiter.succeeded(event.username)
-        self._remember(self.authn_cache, key, decision)
         return decision
 
     def _decision_key(
@@ -311,10 +310,10 @@ class Dispatcher:
         if now is not None:
             return now
         key = self._decision_key(identity, event.client_id, event.action, event.topic)
-        decision = await self._coalesced(("authz", key), lambda: self.provider.authorize(event, identity))
+        decision = await self._coalesced("authz", key, lambda: self.provider.authorize(event, identity),
+                                         self.decision_cache)
         if decision.outcome is Outcome.UNAVAILABLE:
             return self._stale_or(self.decision_cache, key, decision, event)
-        self._remember(self.decision_cache, key, decision)
         return decision
 
     def _stale_or(
@@ -345,8 +344,18 @@ class Dispatcher:
         elif decision.outcome is Outcome.DENY and self.negative_cache.enabled:
             self.negative_cache.put(key, decision, decision.ttl)
 
-    async def _coalesced(self, key: Hashable, call: Callable[[], Awaitable[Decision]]) -> Decision:
-        return await self._calls.run(key, lambda: self._guarded(call), overloaded=_overloaded)
+    async def _coalesced(self, kind: str, key: Hashable, call: Callable[[], Awaitable[Decision]],
+                         cache: TTLCache[Hashable, Decision]) -> Decision:
+        """One call per (kind, key) at a time; its answer is cached by the call itself, so that
+        from the moment the call is no longer in flight its answer is in the cache: a request
+        arriving in between (before the callers awaiting it resume) finds one or the other."""
+
+        async def call_and_remember() -> Decision:
+            decision = await self._guarded(call)
+            self._remember(cache, key, decision)
+            return decision
+
+        return await self._calls.run((kind, key), call_and_remember, overloaded=_overloaded)
 
     async def _guarded(self, call: Callable[[], Awaitable[Decision]]) -> Decision:
         try:
