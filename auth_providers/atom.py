@@ -8,6 +8,15 @@ atom.proto`, DESIGN.md "Wire contracts of the providers"):
   sends its password, bearer token or `authorization` value as a token
   (`AuthService.Authenticate`, a leading `Bearer ` stripped). The identity is
   Atom's entity id and tenant id.
+- Connect with a verified client certificate and no password or token (mTLS):
+  `CertificateService.ResolveCertificate` with the certificate's serial number
+  and SHA-256 fingerprint, in the forms Atom stores them (`gateway.frontends.
+  peers`). An entity is the identity; NOT_FOUND (unknown, revoked, expired,
+  another certificate with that serial) is a denial, and so is an answer whose
+  `expires_at` has passed: Atom's clock or a lenient Atom is not trusted for
+  it. An allow is cached until at most `expires_at`. A password or token sent
+  beside a certificate takes the credential path above instead: the
+  certificate only secured the transport.
 - Publish/subscribe: topics `m/<tenant>/c/<channel>[/...]` (`atom_topics`).
   Aliases are resolved by `AliasService.ResolveAlias`, one call per alias per
   `alias_cache_ttl` (concurrent identical lookups share one call); a topic of
@@ -18,10 +27,10 @@ atom.proto`, DESIGN.md "Wire contracts of the providers"):
 Every call carries the service token (`authorization: Bearer <token>` from the
 environment variable `auth.atom.service_token_env`) and the deadline
 `auth.timeout`. Outcomes are the callout's: UNAUTHENTICATED, PERMISSION_DENIED
-and INVALID_ARGUMENT (and NOT_FOUND from ResolveAlias) are denials; any other
-status or a connection error raises `ProviderUnavailable` and the dispatcher's
-`gateway.resilience` layer turns it into retries, the circuit breaker and an
-unavailable answer. Authn and decision caching are the dispatcher's
+and INVALID_ARGUMENT (and NOT_FOUND from ResolveAlias and ResolveCertificate)
+are denials; any other status or a connection error raises `ProviderUnavailable`
+and the dispatcher's `gateway.resilience` layer turns it into retries, the
+circuit breaker and an unavailable answer. Authn and decision caching are the dispatcher's
 (`auth.atom.authn_cache_ttl`, `decision_cache_ttl`); only the alias cache,
 which maps public names and no decision, lives here.
 
@@ -34,6 +43,7 @@ down, reports not ready and fails closed.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections import defaultdict
@@ -71,6 +81,11 @@ log = logging.getLogger("polygate.auth.atom")
 PASSWORD_KIND: Final = "password"
 _BEARER: Final = "bearer "
 _ACTIONS: Final = {Action.PUBLISH: "publish", Action.SUBSCRIBE: "subscribe"}
+#: Methods whose NOT_FOUND means "no such thing" (a denial), not a missing service.
+_NOT_FOUND_DENIES: Final = frozenset({"ResolveAlias", "ResolveCertificate"})
+#: An allow that ends at `expires_at` is cached for at most this share of the time left:
+#: the dispatcher's caches add up to +10% jitter to a TTL (`gateway.cache`).
+_EXPIRY_CACHE_SHARE: Final = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +113,20 @@ def bearer_token(secret: Secret) -> str:
     if text[: len(_BEARER)].lower() == _BEARER:
         text = text[len(_BEARER) :]
     return text.strip()
+
+
+def certificate_expiry(expires_at: str) -> datetime.datetime | None:
+    """`ResolveCertificateResponse.expires_at` (RFC 3339) as an aware datetime; None when empty.
+
+    An offset-less time is taken as UTC, as Atom keeps every time. Raises
+    ValueError for text that is not a time.
+    """
+    if not expires_at:
+        return None
+    moment = datetime.datetime.fromisoformat(expires_at.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment
 
 
 def _service_token(env_name: str) -> Secret:
@@ -143,6 +172,7 @@ class AtomProvider:
         self._authn: Any = None
         self._authz: Any = None
         self._aliases: Any = None
+        self._certificates: Any = None
         #: The last call got an answer from Atom (for `ready`).
         self._answered = False
         #: (method, outcome) -> calls made to Atom.
@@ -163,6 +193,7 @@ class AtomProvider:
         self._authn = atom_pb2_grpc.AuthServiceStub(channel)
         self._authz = atom_pb2_grpc.AuthzServiceStub(channel)
         self._aliases = atom_pb2_grpc.AliasServiceStub(channel)
+        self._certificates = atom_pb2_grpc.CertificateServiceStub(channel)
         # Start connecting now, so /ready turns green before the first client comes.
         channel.get_state(try_to_connect=True)
         log.info(
@@ -173,7 +204,7 @@ class AtomProvider:
     async def aclose(self) -> None:
         self._alias_calls.cancel_all()
         channel, self._channel = self._channel, None
-        self._authn = self._authz = self._aliases = None
+        self._authn = self._authz = self._aliases = self._certificates = None
         if channel is not None:
             await channel.close()
 
@@ -190,6 +221,8 @@ class AtomProvider:
     # -- the provider interface ------------------------------------------------------------------
 
     async def authenticate(self, event: AuthEvent) -> Decision:
+        if event.tls_fingerprint and not event.secret:
+            return await self._authenticate_certificate(event)
         if event.protocol is Protocol.MQTT:
             secret = utf8(event.secret)
             if not event.username or not secret:
@@ -255,6 +288,35 @@ class AtomProvider:
 
     # -- internals -------------------------------------------------------------------------------
 
+    async def _authenticate_certificate(self, event: AuthEvent) -> Decision:
+        request = atom_pb2.ResolveCertificateRequest(
+            serial_number=event.tls_serial, fingerprint_sha256=event.tls_fingerprint
+        )
+        rpc = self._stub(self._certificates).ResolveCertificate
+        result = await self._call("ResolveCertificate", rpc, request, NO_SECRET)
+        if isinstance(result, Decision):
+            return result
+        if not result.entity_id:
+            return Decision.deny("Atom resolved the certificate to no entity id")
+        try:
+            expiry = certificate_expiry(result.expires_at)
+        except ValueError:
+            # An answer that does not parse is the service misbehaving, not a "no" (DESIGN: outcomes).
+            raise ProviderUnavailable(
+                f"Atom ResolveCertificate answered an expires_at that is not an RFC 3339 time: {result.expires_at[:64]!r}",
+                retryable=False,
+            ) from None
+        identity = Identity(external_id=result.entity_id, tenant=result.tenant_id, username=event.tls_identity)
+        if expiry is None:
+            return Decision.allow(identity, reason="certificate resolved by Atom")
+        left = (expiry - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        if left <= 0:
+            return Decision.deny(f"Atom's mapping of this certificate expired at {result.expires_at[:64]}")
+        return Decision(
+            outcome=Outcome.ALLOW, identity=identity, reason="certificate resolved by Atom",
+            ttl=left * _EXPIRY_CACHE_SHARE,
+        )
+
     async def _resolve(self, lookup: AliasLookup, secret: Secret) -> _Resolved | Decision:
         cached = self.alias_cache.get(lookup)
         if cached is not None:
@@ -307,7 +369,7 @@ class AtomProvider:
 
     def _failed(self, method: str, code: grpc.StatusCode, details: str, secret: Secret) -> Decision:
         details = scrub(self._without_token(details), secret)
-        if code in DENIAL_CODES or (code is grpc.StatusCode.NOT_FOUND and method == "ResolveAlias"):
+        if code in DENIAL_CODES or (code is grpc.StatusCode.NOT_FOUND and method in _NOT_FOUND_DENIES):
             self._answered = True
             self.calls[(method, Outcome.DENY)] += 1
             return Decision.deny(f"Atom {method}: {details or code.name}")

@@ -100,7 +100,8 @@ class LocalProvider:
 
     async def start(self) -> None:
         self._store_executor = ThreadPoolExecutor(1, thread_name_prefix="polygate-local-store")
-        self._passwords = PasswordChecker(self._config.argon2, max_wait=self._config.max_wait)
+        self._passwords = PasswordChecker(self._config.argon2, max_wait=self._config.max_wait,
+                                          persist=self._store_rehash)
         path = self._config.db
         try:
             self._store = await self._in_store_thread(lambda: LocalStore(path))
@@ -226,6 +227,12 @@ class LocalProvider:
             self._context.invalidate_caches()
         except Exception:
             log.exception("invalidating the auth caches after a store change failed")
+
+    async def _store_rehash(self, username: str, old_phc: str, new_phc: str) -> bool:
+        store = self._store
+        if store is None:
+            return False
+        return await self._in_store_thread(lambda: store.replace_password_hash(username, old_phc, new_phc))
 
     async def _in_store_thread(self, work: Callable[[], _T]) -> _T:
         executor = self._store_executor

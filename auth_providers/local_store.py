@@ -193,7 +193,7 @@ class LocalStore:
     # -- transactions ---------------------------------------------------------
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, write: bool, bump: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -201,7 +201,7 @@ class LocalStore:
                 raise StoreError(f"the auth database {self.path!r} is busy or not writable: {exc}") from exc
             try:
                 yield self._conn
-                if write:
+                if write and bump:
                     self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
                 self._conn.execute("COMMIT")
             except BaseException as exc:
@@ -326,6 +326,23 @@ class LocalStore:
                 raise StoreError(_no_user(username))
 
         self._write(work)
+
+    def replace_password_hash(self, username: str, old_phc: str, new_phc: str) -> bool:
+        """Store a re-hash of the same password (new parameters) unless the hash changed meanwhile.
+
+        Compare-and-set, so a password changed by an operator since the login
+        is never overwritten. It leaves the revision alone: what a client may
+        do is unchanged, and a bump would reload every gateway's view and drop
+        their auth caches once per user upgraded.
+        """
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?", (new_phc, username, old_phc)
+            )
+            return cursor.rowcount == 1
+
+        with self._transaction(write=True, bump=False) as conn:
+            return work(conn)
 
     def delete_user(self, username: str) -> None:
         """Delete a user and its ACL entries. Superusers cannot be deleted."""

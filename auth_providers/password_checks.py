@@ -8,14 +8,16 @@ circuit breaker are for remote services and do not apply to it.
 `auth.local.argon2` sets the parameters of the hashes made here: the dummy hash
 an unknown username is checked against (so it costs what a real check costs),
 and the re-hash of a user whose stored hash was made with other parameters,
-done after that user's first successful login and kept in memory (keyed on the
-stored hash, so a password change drops it).
+done after that user's first successful login. The re-hash is kept in memory
+(keyed on the stored hash, so a password change drops it) and written back to
+the store by `persist`, compare-and-set, so the next start checks it too.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from argon2 import PasswordHasher, Type
@@ -28,6 +30,11 @@ from gateway.events import Secret
 from gateway.login_limiter import source_ip
 
 T = TypeVar("T")
+
+log = logging.getLogger("polygate.auth.local")
+
+#: Writes a re-hash back: (username, stored hash, new hash) -> stored (False: the hash changed meanwhile).
+PersistRehash = Callable[[str, str, str], Awaitable[bool]]
 
 #: Users whose re-hashed verifier is kept; beyond this the oldest is dropped.
 MAX_UPGRADED = 100_000
@@ -43,8 +50,12 @@ def password_hasher(params: Argon2Config) -> PasswordHasher:
 
 
 class PasswordChecker:
-    def __init__(self, params: Argon2Config, *, max_wait: float, workers: int = 0) -> None:
+    def __init__(self, params: Argon2Config, *, max_wait: float, workers: int = 0,
+                 persist: PersistRehash | None = None) -> None:
         self.hasher = password_hasher(params)
+        self._persist = persist
+        #: Re-hashes written back to the store.
+        self.rehashes_stored = 0
         self.pool = FairPool(workers or core_count(), max_wait=max_wait, name="polygate-argon2")
         self._dummy_hash = ""
         #: username -> (the stored hash, the same password hashed with the configured parameters).
@@ -82,7 +93,18 @@ class PasswordChecker:
             if len(self._upgraded) >= MAX_UPGRADED:
                 del self._upgraded[next(iter(self._upgraded))]
             self._upgraded[username] = (stored_hash, new_hash)
+            await self._store_rehash(username, stored_hash, new_hash)
         return True
+
+    async def _store_rehash(self, username: str, stored_hash: str, new_hash: str) -> None:
+        if self._persist is None:
+            return
+        try:
+            if await self._persist(username, stored_hash, new_hash):
+                self.rehashes_stored += 1
+        except Exception as exc:
+            # Logins go on with the verifier in memory; the store is tried again after a restart.
+            log.warning("could not store %r's password hash with the configured Argon2 parameters: %s", username, exc)
 
     def _needs_rehash(self, phc: str) -> bool:
         try:

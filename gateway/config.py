@@ -672,11 +672,32 @@ def _tls_settings(reader: _Reader, path: str, name: str, given: Mapping[str, obj
     }
 
 
+#: Listener blocks a kind refuses with the reason, rather than as unknown keys. DESIGN.md:
+#: "`coap` takes `dtls` where supported"; aiocoap's DTLS server is not fit to offer.
+_NO_DTLS: Final = (
+    "aiocoap's DTLS server side takes pre-shared keys only and is experimental; terminate DTLS in "
+    "front of the gateway (a DTLS proxy) and forward plain CoAP to a `plain` listener"
+)
+_REFUSED_BLOCKS: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({
+    "coap": MappingProxyType({
+        "dtls": f"CoAP over DTLS is not supported: {_NO_DTLS}",
+        "tls": f"CoAP runs over UDP, where TLS does not apply, and CoAP over DTLS is not supported: {_NO_DTLS}",
+        "mtls": f"CoAP runs over UDP, where TLS does not apply, and CoAP over DTLS is not supported: {_NO_DTLS}",
+    }),
+})
+
+
 def _listener_group(kind: str) -> Converter:
     """One `server.<kind>` section: its enabled listeners, in the order of the kind's names."""
     blocks = {name: _listener_block(kind, name) for name in _LISTENER_KINDS[kind].names}
+    refused = _REFUSED_BLOCKS.get(kind, {})
 
     def convert(reader: _Reader, path: str, raw: object) -> object:
+        if refused and isinstance(raw, dict):
+            for key, why in refused.items():
+                if key in raw:
+                    reader.problem(_join(path, key), why)
+            raw = {key: value for key, value in raw.items() if key not in refused}
         read = reader.fields(path, raw, blocks)
         if read is None:
             return _INVALID

@@ -226,12 +226,13 @@ class LimitsConfig:
     max_retained_messages: int = 100000
     #: Open connections (and CoAP observations) from one source IP (IPv6: its /64), all listeners (0 = no cap).
     max_connections_per_ip: int = 1000
-    #: Topic filters one MQTT client holds at once (0 = no cap); the next get SUBACK 0x80.
+    #: Subscriptions one client holds at once (0 = no cap): MQTT filters, AMQP 0.9.1 consumers and
+    #: bindings, AMQP 1.0 receiving links, SSE filters, CoAP observations. What passes it is refused.
     max_subscriptions_per_client: int = 10000
     #: Source networks any listener takes connections from; empty: any.
     allowed_cidrs: tuple[IPNetwork, ...] = ()
-    #: An MQTT connection (TCP or TLS) whose CONNECT has not been handled within this is closed.
-    #: AMQP 1.0, AMQP 0.9.1 and the WebSocket upgrade keep their own fixed 10 s.
+    #: Bounds every connection's opening: the TLS handshake, MQTT CONNECT, the AMQP 1.0 and 0.9.1
+    #: handshakes, HTTP and WebSocket request headers.
     handshake_timeout: float = 10.0
     #: File descriptors kept free of client connections (health listener, store, logs).
     fd_reserve: int = 128

@@ -240,10 +240,12 @@ class Dispatcher:
 
     def _authn_key(self, event: AuthEvent) -> Hashable:
         digest = self.credentials_digest(event.username, event.secret)
+        # The fingerprint too: two certificates with one CN are two credentials (Atom
+        # resolves each on its own; one may be revoked or expired, the other not).
         if self._authn_per_client:
-            return (event.protocol, event.client_id, event.username, event.tls_identity, digest)
+            return (event.protocol, event.client_id, event.username, event.tls_identity, event.tls_fingerprint, digest)
         # The same credentials from any connection or request: one check per TTL, not one each.
-        return (event.username, event.tls_identity, digest)
+        return (event.username, event.tls_identity, event.tls_fingerprint, digest)
 
     async def _authenticate(self, event: AuthEvent) -> Decision:
         limiter = self.login_limiter

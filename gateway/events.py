@@ -111,6 +111,11 @@ class AuthEvent:
     peer: str = ""
     #: Subject of a verified client certificate (mTLS), "" otherwise.
     tls_identity: str = ""
+    #: That certificate's serial number (lowercase hex of the DER INTEGER, as Atom
+    #: stores it) and SHA-256 fingerprint of its DER (lowercase hex); "" without one.
+    #: Not secrets: a certificate is public, so both may appear in reprs and logs.
+    tls_serial: str = ""
+    tls_fingerprint: str = ""
 
     def for_operation(self, action: Action, topic: str = "") -> AuthEvent:
         """The same client's event for another action (a CONNECT carries no topic)."""

@@ -70,6 +70,7 @@ class Gateway:
         )
         self.metrics.add_collector(self._router_metrics)
         self.metrics.add_collector(self._storage_metrics)
+        self.metrics.add_collector(self.state.collect_metrics)
         self.dispatcher = Dispatcher(config.auth, limits=config.limits, metrics=self.metrics, provider=provider)
         self.ctx = FrontendContext(
             config=config,

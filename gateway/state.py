@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol as TypingProtocol, TypeVar
+
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from gateway.config_types import IPNetwork, LimitsConfig
 from gateway.ratelimit import connection_key
@@ -145,6 +147,9 @@ class GatewayState:
         #: The `ip_key` each admitted connection counts against.
         self._ip_of: dict[Connection, str] = {}
         self.refusals = RefusalLog()
+        #: Refusals of what is not a connection (a subscription, an upload), by (listener, reason):
+        #: connections are counted by the frontends in polygate_connections_refused.
+        self.limit_refusals: dict[tuple[str, str], int] = {}
 
     def shared(self, key: str, factory: Callable[[], T]) -> T:
         """One object per gateway shared by listeners of one protocol (e.g. MQTT sessions)."""
@@ -205,8 +210,21 @@ class GatewayState:
         return None
 
     def note_refused(self, listener: str, reason: str, peer: str) -> None:
-        """A refusal decided elsewhere (a rate limit): logged like those of `admit`."""
+        """A refusal decided elsewhere (a rate limit, a subscription cap): logged like those of `admit`."""
+        if reason in _WHAT:
+            key = (listener, reason)
+            self.limit_refusals[key] = self.limit_refusals.get(key, 0) + 1
         self.refusals.refused(listener, reason, peer)
+
+    def collect_metrics(self) -> Iterable[Metric]:
+        """polygate_limit_refusals: what a limit refused that is not a connection."""
+        family = CounterMetricFamily(
+            "polygate_limit_refusals", "Subscriptions and uploads a limit refused (connections: polygate_connections_refused)",
+            labels=["listener", "what", "reason"],
+        )
+        for (listener, reason), count in sorted(self.limit_refusals.items()):
+            family.add_metric([listener, _WHAT[reason], reason], count)
+        yield family
 
     def unregister(self, listener: str, connection: Connection) -> None:
         conns = self._connections.get(listener)

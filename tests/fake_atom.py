@@ -1,7 +1,7 @@
 """A fake Atom for tests: a real `grpc.aio` server of `atom.v1` on loopback.
 
-`AtomData` holds entities (with credentials and tokens), tenant and channel
-aliases and grants, and records every call: the method, the request message
+`AtomData` holds entities (with credentials, tokens and client
+certificates), tenant and channel aliases and grants, and records every call: the method, the request message
 and the metadata it came with. A call without the expected service token is
 refused with UNAUTHENTICATED, as Atom would. `FakeAtom` serves it on
 127.0.0.1 port 0 and can be stopped and started again on the same port (Atom
@@ -32,6 +32,17 @@ class Entity:
 
 
 @dataclass(frozen=True)
+class CertificateRecord:
+    """A certificate credential: whose it is and the `expires_at` the fake answers with."""
+
+    fingerprint_sha256: str
+    entity: Entity
+    credential_id: str
+    #: RFC 3339, answered as it is: the fake does not check it, so a test sees the gateway's own check.
+    expires_at: str
+
+
+@dataclass(frozen=True)
 class Recorded:
     method: str
     request: Any
@@ -47,6 +58,8 @@ class AtomData:
     credentials: dict[str, tuple[str, Entity]] = field(default_factory=dict)
     #: token -> entity: Authenticate.
     tokens: dict[str, Entity] = field(default_factory=dict)
+    #: normalized serial number -> certificate: ResolveCertificate.
+    certificates: dict[str, CertificateRecord] = field(default_factory=dict)
     #: tenant alias -> tenant id.
     tenant_aliases: dict[str, str] = field(default_factory=dict)
     #: (tenant id, channel alias) -> channel id.
@@ -63,6 +76,12 @@ class AtomData:
     def add_device(self, identifier: str, secret: str, entity: Entity) -> None:
         self.credentials[identifier] = (secret, entity)
 
+    def add_certificate(self, serial_number: str, fingerprint_sha256: str, entity: Entity, expires_at: str) -> None:
+        self.certificates[normalize_serial(serial_number)] = CertificateRecord(
+            fingerprint_sha256=fingerprint_sha256.lower(), entity=entity,
+            credential_id=f"cert:{normalize_serial(serial_number)}", expires_at=expires_at,
+        )
+
     def grant(self, entity: Entity, channel_id: str, *actions: str) -> None:
         for action in actions or ("publish", "subscribe"):
             self.grants.add((entity.entity_id, action, channel_id))
@@ -73,6 +92,19 @@ class AtomData:
     def reset(self) -> None:
         self.requests.clear()
         self.calls.clear()
+
+
+def normalize_serial(serial_number: str) -> str:
+    """Atom's `normalize_serial`: ":" and whitespace dropped, lowercase; "" when not whole hex bytes.
+
+    No leading zero is dropped: "00a1" and "a1" are different serials to Atom.
+    """
+    text = "".join(ch for ch in serial_number if ch != ":" and not ch.isspace()).lower()
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return ""
+    return text if text and len(text) % 2 == 0 else ""
 
 
 class _Base:
@@ -146,6 +178,26 @@ class _AliasService(_Base, atom_pb2_grpc.AliasServiceServicer):
         return await self._serve("ResolveAlias", request, context, answer)
 
 
+class _CertificateService(_Base, atom_pb2_grpc.CertificateServiceServicer):
+    async def ResolveCertificate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def answer() -> Any:
+            serial = normalize_serial(request.serial_number)
+            if not serial:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid certificate serial number")
+            known = self.data.certificates.get(serial)
+            fingerprint = request.fingerprint_sha256.replace(":", "").lower()
+            # As Atom: an unknown serial and a fingerprint that is not the stored one are both NOT_FOUND.
+            if known is None or (fingerprint and fingerprint != known.fingerprint_sha256):
+                await context.abort(grpc.StatusCode.NOT_FOUND, "certificate not found")
+                raise AssertionError("abort raises")
+            return atom_pb2.ResolveCertificateResponse(
+                entity_id=known.entity.entity_id, tenant_id=known.entity.tenant_id,
+                credential_id=known.credential_id, expires_at=known.expires_at,
+            )
+
+        return await self._serve("ResolveCertificate", request, context, answer)
+
+
 class FakeAtom:
     def __init__(self, data: AtomData, *, credentials: grpc.ServerCredentials | None = None) -> None:
         self.data = data
@@ -162,6 +214,7 @@ class FakeAtom:
         atom_pb2_grpc.add_AuthServiceServicer_to_server(_AuthService(self.data), server)
         atom_pb2_grpc.add_AuthzServiceServicer_to_server(_AuthzService(self.data), server)
         atom_pb2_grpc.add_AliasServiceServicer_to_server(_AliasService(self.data), server)
+        atom_pb2_grpc.add_CertificateServiceServicer_to_server(_CertificateService(self.data), server)
         address = f"127.0.0.1:{self.port}"
         if self.credentials is None:
             self.port = server.add_insecure_port(address)

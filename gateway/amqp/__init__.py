@@ -2,6 +2,7 @@
 
 from gateway.amqp.sasl import (
     AMQP_HEADER,
+    EXTERNAL,
     MAX_SASL_FRAME,
     SASL_HEADER,
     SaslCode,
@@ -16,6 +17,7 @@ from gateway.amqp.sasl import (
 
 __all__ = [
     "AMQP_HEADER",
+    "EXTERNAL",
     "MAX_SASL_FRAME",
     "SASL_HEADER",
     "SaslCode",

@@ -1,5 +1,10 @@
 """Sans-IO server side of the AMQP 1.0 SASL layer (AMQP 1.0 part 5.3): bytes in, bytes out.
 
+Mechanisms: PLAIN, ANONYMOUS (when auth is off) and EXTERNAL (RFC 4422
+appendix A: the credential is the TLS client certificate; the caller offers
+it only when there is a verified one, and compares the `authzid` the client
+sent, if any, with that certificate's identity).
+
 Proton's server cannot check a PLAIN password from Python (LIBRARIES.md), so
 the gateway speaks the SASL layer itself and hands the AMQP layer that follows
 to proton. The exchange, as the server sees it:
@@ -41,6 +46,9 @@ MAX_SASL_FRAME = 65536
 #: Bytes a client may pipeline behind its sasl-init while the decision is pending.
 MAX_PENDING = 1 << 20
 
+#: The mechanism whose credential is the verified TLS client certificate (RFC 4422 appendix A).
+EXTERNAL = "EXTERNAL"
+
 _FRAME_TYPE_SASL = 0x01
 _DESCRIPTOR_MECHANISMS = 0x40
 _DESCRIPTOR_INIT = 0x41
@@ -79,9 +87,11 @@ class SaslInit:
     """The client's chosen mechanism and credentials (PLAIN), decoded from its sasl-init."""
 
     mechanism: str
-    #: PLAIN's authcid; "" for ANONYMOUS.
+    #: PLAIN's authcid; "" for ANONYMOUS and EXTERNAL.
     username: str = ""
     secret: Secret = NO_SECRET
+    #: EXTERNAL's initial response: the identity the client asks to act as ("" = the certificate's).
+    authzid: str = ""
     #: The hostname field, for logs ("" when absent).
     hostname: str = ""
 
@@ -443,6 +453,12 @@ class SaslServer:
         self._state = _State.DECIDING
         if name == "ANONYMOUS":
             return SaslInit(mechanism=name, hostname=host)
+        if name == EXTERNAL:
+            try:
+                authzid = (response or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail_with("EXTERNAL authorization identity is not UTF-8", reply)
+            return SaslInit(mechanism=name, authzid=authzid, hostname=host)
         credentials = _parse_plain(response or b"")
         if credentials is None:
             self._fail_with("malformed PLAIN response (expected authzid NUL user NUL password)", reply)

@@ -38,6 +38,12 @@ PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_MIN_SIZE = 4096
 #: What the server proposes in Connection.Tune (RabbitMQ's default).
 FRAME_MAX = 131072
+#: Bytes of partly received message bodies one connection may hold, all its channels together:
+#: this many of the largest allowed bodies, and at least MIN_PENDING_CONTENT. One channel never
+#: reaches it; without it, a client (even before it logs in) could start a publish on each of
+#: 65535 channels and have the gateway buffer that many bodies.
+PENDING_BODIES = 8
+MIN_PENDING_CONTENT = 8 * 1024 * 1024
 #: Frame header (type, channel, size) plus the frame-end octet.
 FRAME_OVERHEAD = 8
 FRAME_END = 0xCE
@@ -346,6 +352,9 @@ class FrameDecoder:
     def __init__(self, *, max_body_size: int, frame_max: int = FRAME_MAX) -> None:
         self._frame_max = frame_max
         self.max_body_size = max_body_size
+        self.max_pending = max(MIN_PENDING_CONTENT, PENDING_BODIES * max_body_size)
+        #: Body bytes of unfinished publishes held now (all channels).
+        self._pending_bytes = 0
         self._tail = b""
         self._header_done = False
         self._content: dict[int, _Content] = {}
@@ -457,10 +466,15 @@ class FrameDecoder:
                 if pending.received > pending.body_size:
                     raise self._fail(FRAME_ERROR, "body frames longer than their content header said")
                 if not pending.skip:
+                    self._pending_bytes += size
+                    if self._pending_bytes > self.max_pending:
+                        raise self._fail(RESOURCE_ERROR, f"more than {self.max_pending} bytes of unfinished messages "
+                                         "on this connection's channels")
                     pending.chunks.append(payload)
                 if pending.received == pending.body_size:
                     del content[channel]
                     if not pending.skip:
+                        self._pending_bytes -= pending.received
                         chunks = pending.chunks
                         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                         events.append(Publish(channel, pending.exchange, pending.routing_key, pending.mandatory,

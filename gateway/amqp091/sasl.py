@@ -1,6 +1,9 @@
-"""SASL responses of Connection.StartOk: PLAIN (RFC 4616) and RabbitMQ's AMQPLAIN.
+"""SASL responses of Connection.StartOk: PLAIN (RFC 4616), RabbitMQ's AMQPLAIN, and EXTERNAL.
 
 The password is wrapped in `Secret` here, at the one place it is read.
+EXTERNAL (RFC 4422 appendix A) takes the identity from the verified client
+certificate, as RabbitMQ's rabbitmq_auth_mechanism_ssl does; its response
+may only confirm that identity.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from pamqp import decode
 from gateway.events import Secret
 
 MECHANISMS = "PLAIN AMQPLAIN"
+EXTERNAL = "EXTERNAL"
+#: Offered on a TLS connection whose client presented a verified certificate with an identity.
+MECHANISMS_WITH_EXTERNAL = f"{MECHANISMS} {EXTERNAL}"
 #: RFC 4616 caps each of authzid, authcid and passwd at 255 octets.
 _MAX_PART = 255
 
@@ -49,6 +55,21 @@ def parse_response(mechanism: str, response: str | bytes) -> tuple[str, Secret]:
             raise SASLError("AMQPLAIN response needs LOGIN and PASSWORD strings")
         return _text(as_bytes(login)), Secret(as_bytes(password))
     raise SASLError(f"unsupported SASL mechanism {mechanism[:32]!r}; use one of {MECHANISMS}")
+
+
+def external_identity(response: str | bytes, tls_identity: str) -> str:
+    """The certificate identity an EXTERNAL login stands for; SASLError when it cannot.
+
+    The response is an authorization identity: empty (act as the certificate
+    says) or exactly the certificate's identity. Anything else would be a
+    request to act as someone else, which is not offered.
+    """
+    if not tls_identity:
+        raise SASLError("EXTERNAL needs a verified client certificate with an identity")
+    raw = as_bytes(response)
+    if raw and raw != tls_identity.encode("utf-8"):
+        raise SASLError("EXTERNAL authorization identity must be empty or equal the certificate's identity")
+    return tls_identity
 
 
 def _text(value: bytes) -> str:

@@ -4,7 +4,11 @@ Proton's server cannot check a PLAIN password from Python (LIBRARIES.md), so a
 connection runs in two layers on one `asyncio.Protocol`, with no thread:
 
 1. SASL (`gateway.amqp.sasl`, sans-IO): protocol header, sasl-mechanisms,
-   sasl-init with PLAIN credentials, sasl-outcome.
+   sasl-init with PLAIN credentials, sasl-outcome. On a TLS connection whose
+   client presented a verified certificate with an identity
+   (`auth.mtls_identity`), EXTERNAL is offered too: the CONNECT event then
+   carries that identity and no username or password; an initial response
+   other than empty or that identity fails with outcome `auth`.
 2. AMQP: every later byte goes to a server `proton.Transport` without a SASL
    layer; its `Collector` yields the events (open, attach, transfer, flow,
    disposition) this module acts on, and its output goes back to the socket.
@@ -31,6 +35,8 @@ authorized once at attach, an anonymous sender's messages one by one. A
 client's receiver link subscribes its source address, the MQTT filter as
 written. Denied attaches are refused (attach, then detach with
 amqp:unauthorized-access); denied messages are rejected with that condition.
+A receiver link beyond `limits.max_subscriptions_per_client` on one
+connection is refused with amqp:resource-limit-exceeded.
 
 Flow and settlement. Inbound processing runs on the pipeline MQTT and AMQP
 0.9.1 share (`gateway.frontends.flow.InboundFlow`): proton's events are taken
@@ -82,7 +88,7 @@ from typing import Any, cast
 from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, Link, Transport, TransportException
 from proton import Message as AMQPMessage
 
-from gateway.amqp.sasl import SaslCode, SaslError, SaslInit, SaslServer
+from gateway.amqp.sasl import EXTERNAL, SaslCode, SaslError, SaslInit, SaslServer
 from gateway.backpressure import DRAINING, NO_PUBLISHER, Blocker, Publisher
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
@@ -90,7 +96,7 @@ from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Outcome, Protocol
 from gateway.frontends.flow import BYPASS, ORDERED, PUBLISH, AckOrder, InboundFlow, Output, ReadPauses, WriteGather, admit
-from gateway.frontends.peers import password_refused, peer_address, peer_identity
+from gateway.frontends.peers import NO_CERTIFICATE, password_refused, peer_address, peer_certificate
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.queues import REFUSED, STORED, MessageQueue, limits_for
 from gateway.router import Message
@@ -98,8 +104,6 @@ from gateway.topics import validate_topic_filter, validate_topic_name
 
 log = logging.getLogger("polygate.amqp")
 
-#: From the TCP connect until the gateway's Open (SASL and the auth decision included).
-HANDSHAKE_TIMEOUT = 10.0
 #: Advertised in our Open: a client silent for this long is dropped (proton sends
 #: heartbeats for the client's own idle timeout).
 IDLE_TIMEOUT = 60.0
@@ -113,6 +117,10 @@ MAX_LINKS = 256
 #: Bytes of AMQP overhead (header, properties, annotations) allowed on top of
 #: limits.max_message_size; past it a transfer is read and discarded, then rejected.
 ENVELOPE_ALLOWANCE = 64 * 1024
+#: Bytes of partly received messages one connection may hold, all its links together: this many
+#: of the largest allowed messages, and at least MIN_PARTIAL_BYTES (one link never reaches it).
+PARTIAL_MESSAGES = 8
+MIN_PARTIAL_BYTES = 8 * 1024 * 1024
 CONTAINER_ID = "polygate"
 
 UNAUTHORIZED = "amqp:unauthorized-access"
@@ -172,12 +180,14 @@ def encode_for_client(message: Message) -> bytes:
 class _Inbound:
     """A link on which the client sends (a proton receiver on our side)."""
 
-    __slots__ = ("link", "topic")
+    __slots__ = ("link", "topic", "closed")
 
     def __init__(self, link: Link, topic: str | None) -> None:
         self.link = link
         #: None for a sender with no target address: each message's `to` is its topic.
         self.topic = topic
+        #: The client detached it (and proton's link is freed): its settlements are not sent.
+        self.closed = False
 
 
 class _Outbound:
@@ -325,9 +335,13 @@ class AMQPConnection(asyncio.Protocol):
         self.max_inflight = max(1, limits.max_inflight_messages)
         self._max_payload = limits.max_message_size
         self._max_topic = limits.max_topic_length
+        #: From the TCP connect until the gateway's Open (SASL and the auth decision included).
+        self._handshake_timeout = limits.handshake_timeout
+        #: Receiver links (subscriptions) one connection holds at once (0 = no cap).
+        self._max_subscriptions = limits.max_subscriptions_per_client
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.tls_identity = ""
+        self.certificate = NO_CERTIFICATE
         self.client_id = ""
         self.auth: SessionAuth | None = None
         requires_auth = self.ctx.dispatcher.requires_auth(Protocol.AMQP)
@@ -343,6 +357,9 @@ class AMQPConnection(asyncio.Protocol):
         self._outbound: dict[Link, _Outbound] = {}
         #: Partly received transfers: bytes so far, or None once too large to keep.
         self._partial: dict[Delivery, bytearray | None] = {}
+        #: Bytes held in `_partial`, and how many it may hold (`_collect`).
+        self._partial_bytes = 0
+        self._max_partial = max(MIN_PARTIAL_BYTES, PARTIAL_MESSAGES * (self._max_payload + ENVELOPE_ALLOWANCE))
         #: SASL bytes, then the engine's output (pulled at each flush), gathered per read.
         self._output = Output(self.loop, self.ctx.state.shared("flow.gather", WriteGather), self._pull_output)
         self._pauses = ReadPauses(lambda: self._closing)
@@ -357,6 +374,8 @@ class AMQPConnection(asyncio.Protocol):
         self._closing = False
         self._registered = False
         self._opened = False
+        #: Links refused (attach answered, then detached) whose client has not detached them yet.
+        self._refused_links: set[Link] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._metrics_in = self.ctx.metrics.messages_in
@@ -371,13 +390,18 @@ class AMQPConnection(asyncio.Protocol):
         self._output.transport = transport
         self._pauses.attach(transport)
         ip, self.peer = peer_address(transport)
-        self.tls_identity = peer_identity(transport, self.ctx.config.auth.mtls_identity)
+        self.certificate = peer_certificate(transport, self.ctx.config.auth.mtls_identity)
         if not admit(self.ctx, self.listener, self, Protocol.AMQP, ip, self.peer):
             self._closing = True
             transport.abort()
             return
         self._registered = True
-        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        sasl = self._sasl
+        if sasl is not None and self.certificate.identity and self.ctx.dispatcher.requires_auth(Protocol.AMQP):
+            # EXTERNAL only where it can succeed: TLS with a verified certificate that has an
+            # identity. Proton's client picks EXTERNAL whenever it is offered and allowed.
+            sasl.mechanisms = (EXTERNAL, *sasl.mechanisms)
+        self._timer = self.loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -391,6 +415,7 @@ class AMQPConnection(asyncio.Protocol):
             outbound.close()
         self._outbound.clear()
         self._inbound.clear()
+        self._refused_links.clear()
         self._partial.clear()
         if self.auth is not None:
             self.auth.close()
@@ -466,6 +491,10 @@ class AMQPConnection(asyncio.Protocol):
             return b""
         if isinstance(event, SaslInit):
             refused = password_refused(self.ctx.config.auth, self.listener, event.secret)
+            if refused is None and event.mechanism == EXTERNAL and event.authzid \
+                    and event.authzid != self.certificate.identity:
+                # Acting as another identity than the certificate's is not offered (as with PLAIN's authzid).
+                refused = Decision.deny("EXTERNAL authorization identity is not the certificate's identity")
             if refused is not None:
                 sasl.fail(SaslCode.AUTH)
                 self._write(sasl.data_to_send())
@@ -704,10 +733,10 @@ class AMQPConnection(asyncio.Protocol):
             self._closing = True
             self.transport.close()
 
-    def _handshake_timeout(self) -> None:
+    def _on_handshake_timeout(self) -> None:
         self._timer = None
         if not self._opened:
-            self._drop_peer(f"handshake not complete within {HANDSHAKE_TIMEOUT:g}s")
+            self._drop_peer(f"handshake not complete within {self._handshake_timeout:g}s (limits.handshake_timeout)")
 
     # -- connection and sessions --------------------------------------------------------------
 
@@ -734,7 +763,9 @@ class AMQPConnection(asyncio.Protocol):
             username=credentials.username if credentials is not None else "",
             secret=credentials.secret if credentials is not None else NO_SECRET,
             peer=self.peer,
-            tls_identity=self.tls_identity,
+            tls_identity=self.certificate.identity,
+            tls_serial=self.certificate.serial,
+            tls_fingerprint=self.certificate.fingerprint,
         )
         decision = await self.ctx.dispatcher.decide(event)
         if self._closing:
@@ -769,11 +800,15 @@ class AMQPConnection(asyncio.Protocol):
 
     def _on_session_remote_close(self, event: Event) -> None:
         session = event.session
+        if session is None:  # a session event always has one
+            return
         # Ending a session detaches its links without an event per link.
-        for link in [link for link in (*self._inbound, *self._outbound) if link.session == session]:
+        for link in [link for link in (*self._inbound, *self._outbound, *self._refused_links) if link.session == session]:
             self._forget_link(link)
         if session.state & Endpoint.LOCAL_ACTIVE:
             session.close()
+        # As for links: freed, with the links it still had, or beginning and ending sessions grows the connection.
+        session.free()
 
     def _on_transport_error(self, event: Event) -> None:
         condition = event.transport.condition
@@ -808,6 +843,11 @@ class AMQPConnection(asyncio.Protocol):
         link.condition = condition
         link.open()
         link.close()
+        # Proton keeps the link until the client's detach: a client that never sends it while
+        # attaching more would grow the connection without bound (MAX_LINKS counts only open ones).
+        self._refused_links.add(link)
+        if len(self._refused_links) > MAX_LINKS:
+            self._protocol_error(RESOURCE_LIMIT, f"more than {MAX_LINKS} refused links not detached")
 
     def _attach_inbound(self, link: Link) -> Awaitable[None] | None:
         address = link.remote_target.address
@@ -859,6 +899,14 @@ class AMQPConnection(asyncio.Protocol):
         except InvalidTopic as exc:
             self._refuse_link(link, Condition(INVALID_FIELD, f"source address is not a topic filter: {exc}"))
             return None
+        cap = self._max_subscriptions
+        # Attaches are handled one after the other (ORDERED), so no other one is still being decided.
+        if cap and len(self._outbound) >= cap:
+            self.ctx.state.note_refused(self.listener.name, "max_subscriptions_per_client", self.peer)
+            # Only this attach is refused; the receiver links the client holds keep working.
+            self._refuse_link(link, Condition(
+                RESOURCE_LIMIT, f"at most {cap} receiver links per connection (limits.max_subscriptions_per_client)"))
+            return None
         return self._await_outbound(link, topic_filter)
 
     async def _await_outbound(self, link: Link, topic_filter: str) -> None:
@@ -882,24 +930,35 @@ class AMQPConnection(asyncio.Protocol):
         self.schedule_flush()
 
     def _on_link_remote_close(self, event: Event) -> None:
-        link = event.link
-        self._forget_link(link)
-        if link.state & Endpoint.LOCAL_ACTIVE:
-            link.close()
+        self._end_link(event.link, close=True)
 
     def _on_link_remote_detach(self, event: Event) -> None:
-        link = event.link
+        # Resuming a detached link is not offered: a new attach of that name makes a new link.
+        self._end_link(event.link, close=False)
+
+    def _end_link(self, link: Link, *, close: bool) -> None:
+        """The client detached a link: answer in kind, then free it."""
         self._forget_link(link)
         if link.state & Endpoint.LOCAL_ACTIVE:
-            link.detach()
+            if close:
+                link.close()
+            else:
+                link.detach()
+        # Proton keeps every link of a connection until it is freed: without this, a client
+        # attaching and detaching links grows its connection without bound. The detach just
+        # queued is still sent (proton frees the link once the transport is done with it).
+        link.free()
 
     def _forget_link(self, link: Link) -> None:
+        self._refused_links.discard(link)
         outbound = self._outbound.pop(link, None)
         if outbound is not None:
             outbound.close()
-        self._inbound.pop(link, None)
+        inbound = self._inbound.pop(link, None)
+        if inbound is not None:
+            inbound.closed = True
         for delivery in [d for d in self._partial if d.link == link]:
-            del self._partial[delivery]
+            self._forget_partial(delivery)
 
     def _on_link_flow(self, event: Event) -> None:
         outbound = self._outbound.get(event.link)
@@ -930,7 +989,7 @@ class AMQPConnection(asyncio.Protocol):
         if link.is_sender:
             return (BYPASS, AMQPConnection._on_outcome, delivery)
         if delivery.aborted:
-            self._partial.pop(delivery, None)
+            self._forget_partial(delivery)
             delivery.settle()
             return None
         inbound = self._inbound.get(link)
@@ -962,13 +1021,27 @@ class AMQPConnection(asyncio.Protocol):
         chunk = link.recv(delivery.pending) or b""
         if buffer is not None:
             if len(buffer) + len(chunk) > self._max_payload + ENVELOPE_ALLOWANCE:
+                self._partial_bytes -= len(buffer)
                 buffer = None
             else:
                 buffer += chunk
+                self._partial_bytes += len(chunk)
         if delivery.partial:
             self._partial[delivery] = buffer
+            if self._partial_bytes > self._max_partial:
+                # One link never gets here; a client starting a large message on each of
+                # many links at once would have the gateway hold all of them.
+                self._protocol_error(RESOURCE_LIMIT, f"more than {self._max_partial} bytes of unfinished "
+                                     "messages on this connection's links")
             return _INCOMPLETE
+        if buffer is not None:
+            self._partial_bytes -= len(buffer)
         return buffer
+
+    def _forget_partial(self, delivery: Delivery) -> None:
+        buffer = self._partial.pop(delivery, None)
+        if buffer is not None:
+            self._partial_bytes -= len(buffer)
 
     def _on_message(self, item: tuple[_Inbound, Delivery, bytearray | None]) -> Awaitable[None] | None:
         """A complete message from the client (rate limited and held back by the flow)."""
@@ -1061,9 +1134,10 @@ class AMQPConnection(asyncio.Protocol):
 
     def _settle_now(self, item: tuple[_Inbound, Delivery, Any, Condition | None]) -> None:
         """AckOrder's send: the outcome goes to the client, and the link's credit is topped up."""
-        if self._engine is None:
-            return
         inbound, delivery, outcome, condition = item
+        if self._engine is None or inbound.closed:
+            # Gone, or detached while its store write committed: its link is freed, nothing to tell.
+            return
         if not delivery.settled:
             if condition is not None:
                 delivery.local.condition = condition

@@ -16,6 +16,11 @@ Replies, as DESIGN.md asks and clients can tell apart:
 - denied publish or bind, another user's queue: channel.close 403;
 - another connection's exclusive queue: channel.close 405 RESOURCE_LOCKED;
 - a body over limits.max_message_size: channel.close 311 CONTENT_TOO_LARGE;
+- a consume or new binding beyond limits.max_subscriptions_per_client:
+  channel.close 406 PRECONDITION_FAILED (`_check_subscription_cap` says why);
+- SASL EXTERNAL (offered only on TLS with a verified client certificate that
+  has an identity) with a response other than empty or that identity, or an
+  unoffered mechanism: connection.close 403 ACCESS_REFUSED;
 - an exchange other than amq.topic and "": passive declare 404, declare 540
   NOT_IMPLEMENTED (this gateway has exactly those two), publish 404;
 - unsupported methods (tx.*, basic.recover-async, exchange.bind, ...):
@@ -89,14 +94,21 @@ from gateway.amqp091.framing import (
     method_ids,
 )
 from gateway.amqp091.routing import PublishRoutes, binding_key_to_filter
-from gateway.amqp091.sasl import MECHANISMS, SASLError, parse_response
+from gateway.amqp091.sasl import (
+    EXTERNAL,
+    MECHANISMS,
+    MECHANISMS_WITH_EXTERNAL,
+    SASLError,
+    external_identity,
+    parse_response,
+)
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.dispatcher import SessionAuth
 from gateway.errors import InvalidTopic
-from gateway.events import Action, AuthEvent, Decision, Identity, Outcome, Protocol
+from gateway.events import NO_SECRET, Action, AuthEvent, Decision, Identity, Outcome, Protocol, Secret
 from gateway.frontends.flow import BYPASS, ORDERED, PUBLISH, AckOrder, InboundFlow, Output, ReadPauses, WriteGather, admit
-from gateway.frontends.peers import password_refused, peer_address, peer_identity
+from gateway.frontends.peers import NO_CERTIFICATE, password_refused, peer_address, peer_certificate
 from gateway.frontends.tcp_listener import TCPListener
 from gateway.queues import REFUSED, STORED, limits_for
 from gateway.router import ROUTED
@@ -104,8 +116,6 @@ from gateway.store.base import Snapshot
 
 log = logging.getLogger("polygate.amqp091")
 
-#: From accepting the socket to connection.open-ok.
-HANDSHAKE_TIMEOUT = 10.0
 #: How long a connection.close waits for close-ok before the socket is dropped.
 CLOSE_TIMEOUT = 2.0
 #: Proposed in connection.tune; the client's tune-ok decides (0 = none).
@@ -156,9 +166,16 @@ class AMQP091Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         limits = ctx.config.limits
         self._max_topic = limits.max_topic_length
+        self._handshake_timeout = limits.handshake_timeout
+        #: limits.max_subscriptions_per_client: consumers plus the bindings made on this connection (0 = no cap).
+        self._max_subscriptions = limits.max_subscriptions_per_client
+        #: amq.topic bindings this connection made (queue, topic filter); some may be gone (see _subscriptions).
+        self._bound: set[tuple[Queue, str]] = set()
+        #: EXTERNAL was offered in connection.start (a verified certificate with an identity, auth on).
+        self._offer_external = False
         self.decoder = FrameDecoder(max_body_size=limits.max_message_size)
         self.peer = ""
-        self.tls_identity = ""
+        self.certificate = NO_CERTIFICATE
         self.client_id = ""
         self.identity: Identity | None = None
         self.auth: SessionAuth | None = None
@@ -227,14 +244,14 @@ class AMQP091Connection(asyncio.Protocol):
         self.transport = transport
         self._output.transport = transport
         ip, self.peer = peer_address(transport)
-        self.tls_identity = peer_identity(transport, self.ctx.config.auth.mtls_identity)
+        self.certificate = peer_certificate(transport, self.ctx.config.auth.mtls_identity)
         self._pauses.attach(transport)
         if not admit(self.ctx, self.listener, self, Protocol.AMQP091, ip, self.peer):
             self._closed = True
             transport.abort()
             return
         self._registered = True
-        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self._timer = self.loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -415,11 +432,11 @@ class AMQP091Connection(asyncio.Protocol):
         else:
             self._connection_error(exc)
 
-    def _handshake_timeout(self) -> None:
+    def _on_handshake_timeout(self) -> None:
         self._timer = None
         if self._state != _OPEN and not self._closed:
-            log.info("AMQP connection from %s: no connection.open within %gs", self.peer, HANDSHAKE_TIMEOUT,
-                     extra={"event": "protocol_error", "peer": self.peer})
+            log.info("AMQP connection from %s: no connection.open within %gs (limits.handshake_timeout)", self.peer,
+                     self._handshake_timeout, extra={"event": "protocol_error", "peer": self.peer})
             self._drop("handshake timeout")
 
     def _heartbeat_tick(self) -> None:
@@ -597,9 +614,13 @@ class AMQP091Connection(asyncio.Protocol):
 
     def _send_start(self) -> None:
         self._state = _START
+        # EXTERNAL only where it can succeed: never on plaintext, nor without a verified
+        # certificate that has an identity (RabbitMQ offers it on any TLS socket and then
+        # refuses; not offering it keeps a client's choice among the others).
+        self._offer_external = bool(self.certificate.identity) and self.ctx.dispatcher.requires_auth(Protocol.AMQP091)
         self.write(encode_method(0, commands.Connection.Start(
-            version_major=0, version_minor=9, server_properties=SERVER_PROPERTIES, mechanisms=MECHANISMS,
-            locales="en_US")))
+            version_major=0, version_minor=9, server_properties=SERVER_PROPERTIES,
+            mechanisms=MECHANISMS_WITH_EXTERNAL if self._offer_external else MECHANISMS, locales="en_US")))
 
     def _on_start_ok(self, method: commands.Connection.StartOk) -> AsyncStep | None:
         if self._state != _START:
@@ -607,8 +628,17 @@ class AMQP091Connection(asyncio.Protocol):
         return self._authenticate(method)
 
     async def _authenticate(self, method: commands.Connection.StartOk) -> None:
+        mechanism = method.mechanism or ""
+        username: str
+        secret: Secret
         try:
-            username, secret = parse_response(method.mechanism or "", method.response or b"")
+            if mechanism == EXTERNAL and self._offer_external:
+                # The certificate is the credential: no username (a provider maps the
+                # identity to its user, DESIGN.md "Transport security"), no password.
+                external_identity(method.response or b"", self.certificate.identity)
+                username, secret = "", NO_SECRET
+            else:
+                username, secret = parse_response(mechanism, method.response or b"")
         except SASLError as exc:
             raise ConnectionLevelError(ACCESS_REFUSED, str(exc), class_id=10, method_id=11) from None
         properties = method.client_properties if isinstance(method.client_properties, dict) else {}
@@ -627,7 +657,9 @@ class AMQP091Connection(asyncio.Protocol):
             username=username,
             secret=secret,
             peer=self.peer,
-            tls_identity=self.tls_identity,
+            tls_identity=self.certificate.identity,
+            tls_serial=self.certificate.serial,
+            tls_fingerprint=self.certificate.fingerprint,
         )
         decision = password_refused(self.ctx.config.auth, self.listener, secret) or await self.ctx.dispatcher.decide(event)
         if self._closed:
@@ -676,7 +708,8 @@ class AMQP091Connection(asyncio.Protocol):
 
     def _on_connection_close(self, method: commands.Connection.Close) -> None:
         if method.reply_code and method.reply_code != REPLY_SUCCESS:
-            log.info("AMQP client %r closed its connection: %s %s", self.client_id, method.reply_code,
+            # The client's own text, quoted: it may hold line breaks meant to forge log lines.
+            log.info("AMQP client %r closed its connection: %s %r", self.client_id, method.reply_code,
                      method.reply_text)
         self._teardown()
         self.write(encode_method(0, commands.Connection.CloseOk()))
@@ -767,7 +800,11 @@ class AMQP091Connection(asyncio.Protocol):
             durable=bool(method.durable), exclusive=bool(method.exclusive), auto_delete=bool(method.auto_delete),
             arguments=arguments)
         if queue.exclusive and not existed:
-            self._exclusive.append(queue)
+            exclusive = self._exclusive
+            if len(exclusive) % 64 == 63:
+                # Deleted ones go now and then: declaring and deleting in a loop must not grow the list.
+                exclusive[:] = [q for q in exclusive if not q.deleted]
+            exclusive.append(queue)
         channel.last_queue = queue.name
         if not method.nowait:
             self.write(encode_method(channel.number, commands.Queue.DeclareOk(
@@ -791,6 +828,7 @@ class AMQP091Connection(asyncio.Protocol):
             if not method.nowait:
                 self.write(encode_method(channel.number, commands.Queue.BindOk()))
             return None
+        self._check_subscription_cap(queue)
         return self._bind(channel, queue, topic_filter, bool(method.nowait))
 
     async def _bind(self, channel: Channel, queue: Queue, topic_filter: str, nowait: bool) -> None:
@@ -802,6 +840,9 @@ class AMQP091Connection(asyncio.Protocol):
         if queue.deleted:
             raise ChannelError(NOT_FOUND, f"no queue '{queue.name}'", class_id=50, method_id=20)
         self.broker.bind(queue, topic_filter, decision.exclusions)
+        if self._max_subscriptions:
+            # Never more than the cap: one is added only below it, stale ones counting until pruned.
+            self._bound.add((queue, topic_filter))
         if not nowait:
             self.write(encode_method(channel.number, commands.Queue.BindOk()))
 
@@ -813,6 +854,7 @@ class AMQP091Connection(asyncio.Protocol):
             topic_filter = ""  # never bound, so nothing to remove
         if topic_filter:
             self.broker.unbind(queue, topic_filter)
+            self._bound.discard((queue, topic_filter))
         self.write(encode_method(channel.number, commands.Queue.UnbindOk()))
 
     def _on_queue_purge(self, channel: Channel, method: commands.Queue.Purge) -> None:
@@ -834,6 +876,43 @@ class AMQP091Connection(asyncio.Protocol):
             count = self.broker.delete(queue)
         if not method.nowait:
             self.write(encode_method(channel.number, commands.Queue.DeleteOk(message_count=count)))
+
+    # -- limits.max_subscriptions_per_client --------------------------------------------------------------------
+
+    def _subscriptions(self) -> int:
+        """Consumers on this connection's channels plus the amq.topic bindings it made that still exist."""
+        bound = self._bound
+        # A binding leaves with its queue or with an unbind from another connection: forget those.
+        gone = [entry for entry in bound if entry[0].deleted or entry[1] not in entry[0].bindings]
+        bound.difference_update(gone)
+        return len(bound) + sum(len(channel.consumers) for channel in self.channels.values())
+
+    def _check_subscription_cap(self, queue: Queue | None) -> None:
+        """Refuse a consume (queue None) or a new binding of `queue` beyond limits.max_subscriptions_per_client.
+
+        The answer is channel.close 406 PRECONDITION_FAILED: a soft error, so
+        only this channel closes and the consumers and bindings on the
+        connection's other channels keep working, as MQTT keeps the filters a
+        client holds when it answers 0x80 for one more. (RabbitMQ's
+        consumer_max_per_channel closes the whole connection with 530
+        NOT_ALLOWED; 406 is also what this gateway answers at its
+        queues-per-owner cap.) A queue's bindings outlive the connection that
+        made them, so a queue is capped too: otherwise reconnecting would let
+        one queue collect any number of router subscriptions.
+        """
+        cap = self._max_subscriptions
+        if not cap:
+            return
+        if queue is not None and len(queue.bindings) >= cap:
+            detail = f"queue '{queue.name}' has {cap} bindings (limits.max_subscriptions_per_client)"
+        else:
+            # Stale bindings are only looked for at the cap: below it the count is an upper bound.
+            held = len(self._bound) + sum(len(channel.consumers) for channel in self.channels.values())
+            if held < cap or self._subscriptions() < cap:
+                return
+            detail = f"this connection holds {cap} consumers and bindings (limits.max_subscriptions_per_client)"
+        self.ctx.state.note_refused(self.listener.name, "max_subscriptions_per_client", self.peer)
+        raise ChannelError(PRECONDITION_FAILED, detail)
 
     # -- basic class ------------------------------------------------------------------------------------------
 
@@ -857,6 +936,7 @@ class AMQP091Connection(asyncio.Protocol):
             raise ChannelError(ACCESS_REFUSED, f"queue '{queue.name}' in exclusive use")
         if method.exclusive and queue.consumers:
             raise ChannelError(ACCESS_REFUSED, f"cannot obtain exclusive access to queue '{queue.name}': it has consumers")
+        self._check_subscription_cap(None)
         # consume-ok goes out before the first delivery, which may follow at once.
         if not method.nowait:
             self.write(encode_method(channel.number, commands.Basic.ConsumeOk(consumer_tag=tag)))

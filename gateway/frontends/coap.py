@@ -24,7 +24,8 @@ Codes: 2.04 published, 2.05 content, 2.31 continue (Block1), 4.00 bad topic or
 request, 4.01 bad credentials, 4.02 an unsupported critical option, 4.03 not
 authorized, 4.04 no retained message, 4.05 another method, 4.08 a block-wise
 transfer out of order or unknown, 4.13 too large (Size1 = limits.max_message_size),
-4.29 rate limited, 5.03 auth service unavailable, a subscriber queue full,
+4.29 rate limited or an observation over limits.max_subscriptions_per_client
+(per client id), 5.03 auth service unavailable, a subscriber queue full,
 gateway shutting down or the listener full (4.29 and 5.03 carry Max-Age, a
 retry hint in seconds). The payload of an error is a diagnostic message.
 
@@ -117,7 +118,7 @@ from aiocoap.numbers import codes
 from aiocoap.numbers.constants import Reliable, TransportTuning, Unreliable
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import ACK, CON, RST
-from aiocoap.pipe import Pipe
+from aiocoap.pipe import Pipe, error_to_message
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, SockExtendedErr, UDP6EndpointAddress
 from aiocoap.util import socknumbers
@@ -157,6 +158,9 @@ _OBSERVE_REFUSED: dict[str, str] = {
 }
 #: Upper bound of a Max-Age retry hint, in seconds.
 MAX_RETRY_AFTER = 3600
+#: Max-Age (seconds) of a 4.29 for an observation over limits.max_subscriptions_per_client: a
+#: slot frees only when one of the client's own observations ends, so retrying at once is useless.
+RETRY_SUBSCRIPTIONS = 60.0
 #: Bad datagrams: the first one is logged, then every this many.
 DROP_LOG_EVERY = 1000
 #: Max-Age (seconds) of a 5.03 for a publish a full subscriber queue refused.
@@ -732,6 +736,35 @@ class CatchAllSite:
         await self._handler(pipe)
 
 
+class _Context(aiocoap.Context):
+    """aiocoap's Context, rendering each request in a task that makes its coroutine only once it runs.
+
+    aiocoap's `render_to_pipe` creates the site's coroutine first and then a
+    task that would await it; when the request loses interest before that task
+    ever ran, the task is cancelled unstarted and the coroutine is never awaited
+    (a RuntimeWarning, and a coroutine left for the garbage collector). A request
+    loses interest that early when a second request with the same token comes
+    from the same peer in the same read: `_RecvmsgTransport` reads up to
+    READ_BATCH datagrams per wakeup, so one peer repeating a token in a burst
+    (the fuzz test does) is enough. Here nothing exists to leak until the task runs.
+    """
+
+    def render_to_pipe(self, pipe: Pipe) -> None:
+        # As aiocoap's: the site answers on `pipe`, an exception becomes an answer through `errors`,
+        # and once nobody is interested any more the task is cancelled.
+        errors = error_to_message(pipe, self.log)
+
+        async def render() -> None:
+            try:
+                await self._render_to_pipe(pipe)
+            except Exception as exc:
+                errors.add_exception(exc)
+            # Cancellation means the peer lost interest: nothing to send, as in aiocoap's run_driving_pipe.
+
+        task = asyncio.create_task(render(), name=f"Rendering for {pipe.request!r}")
+        errors.on_interest_end(task.cancel)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class UDPContext:
     """An aiocoap server context on one UDP socket, with the layer that reports answers."""
@@ -772,7 +805,7 @@ async def open_udp_context(
     loop = asyncio.get_running_loop()
     sock = await _bind_udp(host, port)
     try:
-        context = aiocoap.Context(loop=loop, serversite=site, loggername="polygate.coap.aiocoap")
+        context = _Context(loop=loop, serversite=site, loggername="polygate.coap.aiocoap")
         tokens = TokenManager(context)
         layer = _MessageLayer(tokens)
         bound_host, bound_port = sock.getsockname()[:2]
@@ -1051,6 +1084,9 @@ class CoAPFrontend:
         self._udp: UDPContext | None = None
         self._accepting = False
         self._observations: set[Observation] = set()
+        self._max_subscriptions = limits.max_subscriptions_per_client
+        #: Open observations of each client id, across CoAP listeners (limits.max_subscriptions_per_client).
+        self._subscriptions: dict[str, int] = ctx.state.shared("coap.subscriptions", dict)
         self._transfers: _IdleStore[_Transfer] = _IdleStore(MAX_TRANSFERS, TRANSFER_IDLE_TIMEOUT)
         self._uploads: _IdleStore[bytearray] = _IdleStore(MAX_UPLOADS, TRANSFER_IDLE_TIMEOUT)
         # Block-wise keys carry an HMAC of the request's options, which hold credentials.
@@ -1316,19 +1352,31 @@ class CoAPFrontend:
         exclusions: tuple[str, ...],
     ) -> None:
         ctx = self._ctx
+        client_id = client.client_id
+        listener = self._listener.name
+        ip, peer = _peer(request.remote)
+        held = self._subscriptions.get(client_id, 0)
+        cap = self._max_subscriptions
+        # Checked after authorization (the caller's), so nobody can use up another client's
+        # subscriptions by naming its id; one observation is one subscription.
+        if cap and held >= cap:
+            ctx.state.note_refused(listener, "max_subscriptions_per_client", peer)
+            raise TooManyRequests(
+                f"this client holds {cap} observations (limits.max_subscriptions_per_client): deregister one first",
+                retry_after=RETRY_SUBSCRIPTIONS,
+            )
         observation = Observation(
-            self, client_id=client.client_id, topic_filter=topic_filter, limits=self._observer_limits,
+            self, client_id=client_id, topic_filter=topic_filter, limits=self._observer_limits,
             budget=ctx.router.budget, metrics=ctx.metrics,
         )
-        listener = self._listener.name
         # An observation is CoAP's connection: the same limits, max_connections_per_ip among them.
-        ip, peer = _peer(request.remote)
         refused = ctx.state.admit(listener, observation, ip, peer)
         if refused is not None:
             ctx.metrics.connection_refused(Protocol.COAP, refused, listener)
             raise ServiceUnavailable(_OBSERVE_REFUSED.get(refused, "too many observations"))
         ctx.metrics.connection_opened(Protocol.COAP)
         self._observations.add(observation)
+        self._subscriptions[client_id] = held + 1
         block_key = self._block_key(request)
         try:
             # Subscribed before the first response goes out: nothing published after it is missed.
@@ -1343,6 +1391,11 @@ class CoAPFrontend:
             ctx.router.unsubscribe_all(observation)
             ctx.state.unregister(listener, observation)
             self._observations.discard(observation)
+            left = self._subscriptions[client_id] - 1
+            if left:
+                self._subscriptions[client_id] = left
+            else:
+                del self._subscriptions[client_id]
             ctx.metrics.connection_closed(Protocol.COAP)
             transfer = self._transfers.get(block_key)
             if transfer is not None:

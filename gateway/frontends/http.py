@@ -28,7 +28,9 @@ An SSE stream is a subscriber like any other: its waiting events are a
 slow reader loses its oldest events, counted in polygate_queue_overflows and
 polygate_messages_dropped and logged, and never holds a publisher back; under
 `block` it holds its publishers until it has drained to half its bound).
-Streams are not kept across a restart.
+Streams are not kept across a restart. `limits.max_subscriptions_per_client`
+caps the filters of one client id's open streams together; a stream that
+would pass it is refused with 429 (Retry-After), as a whole.
 
 The listening socket, TLS and runner come from `gateway.frontends.aiohttp_listener`
 (shared with the health and WebSocket listeners); client-certificate identities
@@ -54,9 +56,9 @@ from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.errors import InvalidTopic
 from gateway.events import NO_SECRET, Action, AuthEvent, Outcome, Protocol, Secret
-from gateway.frontends.aiohttp_listener import AiohttpListener
+from gateway.frontends.aiohttp_listener import Admission, AiohttpListener
 from gateway.frontends.flow import publish_request
-from gateway.frontends.peers import format_peer, password_refused, peer_identity
+from gateway.frontends.peers import NO_CERTIFICATE, format_peer, password_refused, peer_certificate
 from gateway.metrics import Metrics
 from gateway.queues import MemoryBudget, MessageQueue, QueueLimits, limits_for
 from gateway.router import Message
@@ -75,6 +77,11 @@ RETRY_FULL = 1
 MAX_RETRY_AFTER = 3600
 #: Events written to the socket in one `write` (bounds one batch's memory).
 EVENTS_PER_WRITE = 256
+#: Retry-After, in seconds, of a stream refused by limits.max_subscriptions_per_client: a
+#: slot frees only when one of the client's own streams ends, so retrying at once is useless.
+RETRY_SUBSCRIPTIONS = 60
+#: Connections from outside the allowed networks kept open at once to be told 403 (the rest are closed at once).
+ANSWER_NOT_ALLOWED = 64
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -117,6 +124,12 @@ class Unauthorized(HTTPError):
 
 class Forbidden(HTTPError):
     status = 403
+
+
+class NotAllowed(Forbidden):
+    """A connection from outside the allowed networks: answered once, then closed."""
+
+    close_connection = True
 
 
 class MethodNotAllowed(HTTPError):
@@ -217,7 +230,8 @@ def encode_event(message: Message) -> bytes:
 
 
 class SSEStream:
-    """One `GET /subscribe` stream: a router subscriber and a GatewayState connection.
+    """One `GET /subscribe` stream: a router subscriber, attached to the connection it is served on
+    (which GatewayState counts, drains and closes through it).
 
     `deliver` only puts into the stream's bounded `MessageQueue` (whose policy
     decides what a full one does); the request's own task writes.
@@ -350,6 +364,9 @@ class HTTPFrontend:
         self._max_json_body = 4 * math.ceil(limits.max_message_size / 3) + 6 * limits.max_topic_length + 4096
         self._streams: set[SSEStream] = set()
         self._stream_limits = limits_for(limits, Protocol.HTTP)
+        self._max_subscriptions = limits.max_subscriptions_per_client
+        #: Filters held by the open streams of each client id, across HTTP listeners.
+        self._subscriptions: dict[str, int] = ctx.state.shared("http.subscriptions", dict)
         app = web.Application(
             middlewares=[error_boundary],
             client_max_size=max(self._max_message, self._max_json_body),
@@ -357,14 +374,18 @@ class HTTPFrontend:
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)
         # Cancelling a request's task when its client goes away is how an idle
         # event stream learns of the disconnect without waiting for a keepalive.
-        # An idle keep-alive connection (or one that never finishes its first
-        # request) is closed after this, not aiohttp's default of an hour.
+        # An idle keep-alive connection is closed after HTTP_KEEPALIVE_TIMEOUT,
+        # not aiohttp's default of an hour; request headers must be complete
+        # within limits.handshake_timeout. Each TCP connection (not each request)
+        # is admitted by the connection limits; polygate_connections{protocol="http"}
+        # counts them.
         self._server = AiohttpListener(
             app,
             listener,
             shutdown_timeout=ctx.config.server.shutdown_timeout,
             handler_cancellation=True,
             keepalive_timeout=HTTP_KEEPALIVE_TIMEOUT,
+            admission=Admission(ctx=ctx, protocol=Protocol.HTTP, answer_not_allowed=ANSWER_NOT_ALLOWED),
         )
 
     async def start(self) -> None:
@@ -387,11 +408,9 @@ class HTTPFrontend:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         client_ip = request.remote or ""
-        listener = self._listener.name
-        if not self._ctx.state.allows(listener, client_ip):
-            self._ctx.metrics.connection_refused(Protocol.HTTP, "not_allowed", listener)
-            self._ctx.state.note_refused(listener, "not_allowed", client_ip)
-            raise Forbidden("your address is not allowed")
+        if self._server.not_allowed(request):
+            # Counted and logged when the connection was accepted.
+            raise NotAllowed("your address is not allowed")
         wait = self._ctx.ratelimits.check_connection(client_ip)
         if wait > 0:
             raise TooManyRequests("too many requests from your address", retry_after=wait)
@@ -416,9 +435,9 @@ class HTTPFrontend:
         peer = format_peer(peername[0], peername[1]) if peername else (request.remote or "")
         headers = request.headers
         client_id = headers.get("X-Client-ID") or headers.get("X-FluxMQ-Client-ID") or f"http:{peer}"
-        tls_identity = (
-            peer_identity(transport, self._ctx.config.auth.mtls_identity)
-            if transport is not None and self._listener.tls else ""
+        certificate = (
+            peer_certificate(transport, self._ctx.config.auth.mtls_identity)
+            if transport is not None and self._listener.tls else NO_CERTIFICATE
         )
         if self._ctx.dispatcher.requires_auth(Protocol.HTTP):
             username, secret = _credentials(headers)
@@ -426,7 +445,8 @@ class HTTPFrontend:
             username, secret = headers.get("X-Username") or headers.get("X-FluxMQ-Username") or "", NO_SECRET
         return AuthEvent(
             protocol=Protocol.HTTP, action=Action.CONNECT, client_id=client_id, username=username,
-            secret=secret, peer=peer, tls_identity=tls_identity,
+            secret=secret, peer=peer, tls_identity=certificate.identity, tls_serial=certificate.serial,
+            tls_fingerprint=certificate.fingerprint,
         )
 
     async def _authorize(self, client: AuthEvent, action: Action, topic: str) -> tuple[str, ...]:
@@ -557,21 +577,30 @@ class HTTPFrontend:
         for topic_filter in filters:
             exclusions[topic_filter] = await self._authorize(client, Action.SUBSCRIBE, topic_filter)
         ctx = self._ctx
-        stream = SSEStream(client.client_id, limits=self._stream_limits, budget=ctx.router.budget,
-                           metrics=ctx.metrics)
-        listener = self._listener.name
-        if not ctx.state.register(listener, stream):
-            reason = "shutting_down" if ctx.state.shutting_down else "listener_full"
-            ctx.metrics.connection_refused(Protocol.HTTP, reason)
-            raise ServiceUnavailable(
-                "the gateway is shutting down" if ctx.state.shutting_down else "too many open event streams",
-                retry_after=1,
+        if ctx.state.shutting_down:
+            raise ServiceUnavailable("the gateway is shutting down", retry_after=1)
+        client_id = client.client_id
+        held = self._subscriptions.get(client_id, 0)
+        cap = self._max_subscriptions
+        # After authorization, so nobody can use up another client's subscriptions by naming its id.
+        # A stream is all or nothing: its filters are either all served or refused together.
+        if cap and held + len(filters) > cap:
+            ctx.state.note_refused(self._listener.name, "max_subscriptions_per_client", client.peer)
+            raise TooManyRequests(
+                f"this client holds {held} of its {cap} subscriptions (limits.max_subscriptions_per_client): "
+                f"close a stream before opening one with {len(filters)} more",
+                retry_after=RETRY_SUBSCRIPTIONS,
             )
-        ctx.metrics.connection_opened(Protocol.HTTP)
+        stream = SSEStream(client_id, limits=self._stream_limits, budget=ctx.router.budget, metrics=ctx.metrics)
+        # The connection carries the stream: the gateway's shutdown closes and waits for it through it.
+        connection = self._server.connection_of(request)
+        if connection is not None:
+            connection.attached = stream
         self._streams.add(stream)
         response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         # A finished stream ends its connection; keep-alive would only hold a socket.
         response.force_close()
+        self._subscriptions[client_id] = held + len(filters)
         try:
             # Subscribed before the headers go out: once a client sees them, nothing published is missed.
             retained: dict[str, Message] = {}
@@ -591,7 +620,12 @@ class HTTPFrontend:
             stream.close("stream ended")
             ctx.router.unsubscribe_all(stream)
             stream.discard()
-            ctx.state.unregister(listener, stream)
+            if connection is not None and connection.attached is stream:
+                connection.attached = None
             self._streams.discard(stream)
-            ctx.metrics.connection_closed(Protocol.HTTP)
+            left = self._subscriptions[client_id] - len(filters)
+            if left:
+                self._subscriptions[client_id] = left
+            else:
+                del self._subscriptions[client_id]
         return response

@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
+from gateway.events import Protocol
 from gateway.frontends.tls import server_ssl_context
+from gateway.frontends.tls_accept import tls_accepting
 
 #: Large, so connection storms queue in the kernel instead of being refused
 #: (LIBRARIES.md: a backlog of 128 shaped storm latency more than auth did).
@@ -22,6 +24,9 @@ LISTEN_BACKLOG = 4096
 
 
 class TCPListener(abc.ABC):
+    #: Whose metrics a connection refused before its protocol began counts in.
+    protocol: Protocol
+
     def __init__(self, ctx: FrontendContext, listener: ListenerConfig) -> None:
         self.ctx = ctx
         self.listener = listener
@@ -29,18 +34,21 @@ class TCPListener(abc.ABC):
         self._ssl: ssl.SSLContext | None = server_ssl_context(listener) if listener.tls else None
 
     @abc.abstractmethod
-    def connection_factory(self) -> Callable[[], asyncio.Protocol]:
+    def connection_factory(self) -> Callable[[], asyncio.BaseProtocol]:
         """Makes the protocol object for each accepted connection."""
 
     async def start(self) -> None:
         self.ctx.state.set_limit(self.listener.name, self.listener.max_connections, self.listener.allowed_cidrs)
         loop = asyncio.get_running_loop()
+        factory = self.connection_factory()
+        if self._ssl is not None:
+            # TLS is handshaken by the listener itself: see tls_accept.
+            factory = tls_accepting(self.ctx, self.listener.name, self.protocol, self._ssl, factory)
         self._server = await loop.create_server(
-            self.connection_factory(),
+            factory,
             host=self.listener.host or None,
             port=self.listener.port,
             backlog=LISTEN_BACKLOG,
-            ssl=self._ssl,
             reuse_address=True,
         )
 

@@ -29,7 +29,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from gateway.config_types import ListenerConfig
 from gateway.context import FrontendContext
 from gateway.events import Protocol
-from gateway.frontends.aiohttp_listener import AiohttpListener
+from gateway.frontends.aiohttp_listener import Admission, AiohttpListener
 from gateway.frontends.mqtt import MQTTConnection, session_registry
 from gateway.frontends.peers import peer_address
 from gateway.mqtt.session import SessionRegistry
@@ -50,9 +50,6 @@ FRAME_SLACK = 64 * 1024
 WRITE_HIGH_WATER = 64 * 1024
 #: How long a closing handshake may wait for the peer's close frame.
 CLOSE_TIMEOUT = 5.0
-#: A connection must complete its upgrade request within this time. After the
-#: upgrade, MQTTConnection's CONNECT timeout and keepalive take over.
-HANDSHAKE_TIMEOUT = 10.0
 
 _NO_SUBPROTOCOL = b"offer the WebSocket subprotocol mqtt"
 _TEXT_FRAME = b"MQTT over WebSocket uses binary frames"
@@ -348,13 +345,19 @@ class WebSocketFrontend:
         app = web.Application(client_max_size=4096)
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)
         # Cancelling the request's task when its client goes away ends the
-        # connection even while its reading is paused.
+        # connection even while its reading is paused. Each TCP connection is
+        # admitted (and counted) from its accept; once upgraded, its MQTTConnection
+        # takes its slot over (`hand_over`) and counts it as an MQTT connection.
+        # The upgrade request must be complete within limits.handshake_timeout,
+        # then MQTTConnection's CONNECT timeout and keepalive take over; a
+        # connection left idle after a non-upgrade answer is closed as soon.
         self._server = AiohttpListener(
             app,
             listener,
             shutdown_timeout=ctx.config.server.shutdown_timeout,
             handler_cancellation=True,
-            keepalive_timeout=HANDSHAKE_TIMEOUT,
+            keepalive_timeout=limits.handshake_timeout,
+            admission=Admission(ctx=ctx, protocol=Protocol.MQTT, count_open=False),
         )
 
     async def start(self) -> None:
@@ -408,5 +411,8 @@ class WebSocketFrontend:
         transport = WebSocketTransport(
             ws, socket_transport, connection, shutting_down=lambda: state.shutting_down
         )
+        # No await between the hand-over and `run`, whose first step is
+        # MQTTConnection.connection_made admitting the connection again.
+        self._server.hand_over(request)
         await transport.run()
         return ws

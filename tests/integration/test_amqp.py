@@ -14,7 +14,6 @@ from proton import ConnectionException, Delivery, Message
 from proton.reactor import AtMostOnce
 from proton.utils import BlockingConnection, LinkDetached, SendException
 
-import gateway.frontends.amqp as amqp_frontend
 from gateway.amqp.sasl import AMQP_HEADER, SASL_HEADER, SaslCode, encode_outcome
 from gateway.events import Protocol, Secret
 from tests.conftest import ROOT_USER, UnavailableProvider
@@ -335,9 +334,9 @@ def test_broken_peer_is_closed_alone(gw: GatewayThread, root_password: str, name
 
 
 def test_silent_truncated_peer_is_dropped_after_the_handshake_timeout(
-    gw: GatewayThread, root_password: str, monkeypatch: pytest.MonkeyPatch
+    start_gateway: Callable[..., GatewayThread]
 ) -> None:
-    monkeypatch.setattr(amqp_frontend, "HANDSHAKE_TIMEOUT", 0.3)
+    gw = start_gateway(server=AMQP, limits={"handshake_timeout": "0.3s"})
     started = time.monotonic()
     reply = raw_exchange(gw, SASL_HEADER + sasl_frame_init(b"\0u\0p")[:11])
     assert reply.startswith(SASL_HEADER)

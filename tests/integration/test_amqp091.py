@@ -754,10 +754,8 @@ def test_consumer_lifecycle(connect: Callable[..., pika.BlockingConnection]) -> 
     assert _closed_by_broker(lambda: channel.queue_declare("durable-q", durable=False)).reply_code == 406
 
 
-def test_handshake_timeout_drops_a_silent_peer(gw: GatewayThread, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.frontends import amqp091
-
-    monkeypatch.setattr(amqp091, "HANDSHAKE_TIMEOUT", 0.3)
+def test_handshake_timeout_drops_a_silent_peer(start_gateway: Callable[..., GatewayThread]) -> None:
+    gw = start_gateway(server=AMQP091, limits={"handshake_timeout": "0.3s"})
     raw = RawClient(gw.port("amqp091"))
     try:
         raw.send(PROTOCOL_HEADER)

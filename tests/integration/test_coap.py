@@ -742,6 +742,27 @@ async def test_garbage_and_oversized_datagrams_do_not_disturb_another_client(
     assert (note.payload, note.opt.location_path) == (b"still here", ("g", "after"))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning", "error::pytest.PytestUnraisableExceptionWarning")
+async def test_a_token_repeated_in_one_burst_leaves_no_coroutine_unawaited(
+    start_gateway: StartGateway, root: dict[str, str], client: aiocoap.Context
+) -> None:
+    """A request that a second one with its token replaces before its render task ran (one read of
+    the listener takes up to READ_BATCH datagrams) is dropped without a never-awaited coroutine."""
+    gw = start_gateway(server=COAP)
+    port = gw.port("coap")
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for mid in range(1, 61):
+            repeated = Message(code=GET, uri_path=("r", "x"), uri_query=tuple(f"{k}={v}" for k, v in root.items()))
+            repeated.mtype, repeated.mid, repeated.token = NON, mid, b"\x01"
+            raw.sendto(repeated.encode(), ("127.0.0.1", port))
+    finally:
+        raw.close()
+    # Served on: the burst cost nothing but its own answers.
+    assert (await request(client, POST, coap_uri(port, "r/after", **root), b"x")).code == codes.CHANGED
+    gw.stop()  # every render task of the burst has ended, and its coroutine with it
+
+
 # -- bad requests and limits -----------------------------------------------------------------------
 
 

@@ -397,7 +397,7 @@ async def test_unauthorized_publish_and_subscribe_are_403(make_harness: Factory)
         assert resp.status == 403
     assert recorder.messages == []
     assert h.router.subscription_count == 1
-    assert h.state.count() == 0
+    assert h.frontend._streams == set()
 
 
 async def test_auth_service_unavailable_is_503_not_401(make_harness: Factory) -> None:
@@ -663,7 +663,10 @@ async def test_a_stored_publish_is_answered_after_the_commit(make_harness: Facto
 
 async def test_publishing_while_the_gateway_stops_is_503(make_harness: Factory) -> None:
     h = await make_harness()
-    recorder = h.recorder()
+    recorder = h.recorder("alice/x")
+    # On a keep-alive connection opened before the stop began (a new one is refused at its accept).
+    async with h.session.post(f"{h.url}/alice/before", data=b"0", headers=ALICE) as resp:
+        assert resp.status == 202
     h.state.shutting_down = True
     for form in ({"url": f"{h.url}/alice/x", "data": b"1"}, {"url": f"{h.url}/publish", "json": {"topic": "alice/x"}}):
         async with h.session.post(**form, headers=ALICE) as resp:
@@ -671,7 +674,7 @@ async def test_publishing_while_the_gateway_stops_is_503(make_harness: Factory) 
             assert resp.headers["Retry-After"] == "1"
             assert "shutting down" in (await resp.json())["error"]
     assert recorder.messages == []
-    assert h.metrics.messages_in[Protocol.HTTP] == 0
+    assert h.metrics.messages_in[Protocol.HTTP] == 1
 
 
 # -- server-sent events -----------------------------------------------------------------------------
@@ -696,8 +699,9 @@ async def test_stream_sends_retained_first_then_live_messages(make_harness: Fact
             assert post.status == 202
         assert await next_event(resp) == {"topic": "alice/c", "payload": b64(b"via http")}
         assert h.metrics.messages_out[Protocol.HTTP] == 3
-        assert h.metrics.connections_open[Protocol.HTTP] == 1
-        assert h.state.count("server.http.plain") == 1
+        # TCP connections count: the stream's, and the keep-alive one the POST came on.
+        assert h.metrics.connections_open[Protocol.HTTP] == 2
+        assert h.state.count("server.http.plain") == 2
 
 
 async def test_a_stream_never_gets_what_its_decision_excludes(make_harness: Factory) -> None:
@@ -724,7 +728,7 @@ async def test_a_stream_with_queued_events_is_not_drained(make_harness: Factory)
         # No await: the writer cannot run yet, so the events wait in the stream's queue.
         for n in range(3):
             h.router.publish(Message("alice/x", str(n).encode()))
-        assert h.state.undrained() == [stream]
+        assert [connection.attached for connection in h.state.undrained()] == [stream]  # type: ignore[attr-defined]
         assert h.router.budget.messages == 3
         assert [await next_event(resp) for _ in range(3)] == [
             {"topic": "alice/x", "payload": b64(str(n).encode())} for n in range(3)
@@ -790,19 +794,34 @@ async def test_a_full_queue_drops_its_oldest_counts_and_logs(
         assert await next_event(resp) == {"topic": "alice/x", "payload": b64(b"later")}
 
 
-async def test_a_full_listener_refuses_streams_with_503(make_harness: Factory) -> None:
+async def test_max_connections_caps_tcp_connections_not_requests(make_harness: Factory) -> None:
     h = await make_harness(max_connections=1)
     async with h.session.get(f"{h.url}/subscribe", params={"topic": "alice/#"}, headers=ALICE) as first:
         assert first.status == 200
-        async with h.session.get(f"{h.url}/subscribe", params={"topic": "alice/#"}, headers=ALICE) as second:
-            assert second.status == 503
-            assert second.headers["Retry-After"] == "1"
+        # The stream holds the only connection: another one is closed at its accept, before any answer.
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(*h.frontend.bound)
+            try:
+                writer.write(b"POST /alice/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1")
+                async with asyncio.timeout(DEADLINE):
+                    assert await reader.read() == b""
+            except ConnectionResetError:
+                pass
+            finally:
+                writer.close()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with h.session.post(f"{h.url}/alice/x", data=b"1", headers=ALICE):
+                pass
         assert h.router.subscription_count == 1
-        assert h.metrics.connections_refused[(Protocol.HTTP, "listener_full")] == 1
-        # Plain requests are not connections: publishing still works.
-        async with h.session.post(f"{h.url}/alice/x", data=b"1", headers=ALICE) as post:
-            assert post.status == 202
+        assert h.metrics.connections_refused[(Protocol.HTTP, "max_connections")] >= 3
+        h.router.publish(Message("alice/x", b"1"))
         assert await next_event(first) == {"topic": "alice/x", "payload": b64(b"1")}
+    await wait_for(lambda: h.state.count() == 0, "the stream's connection to close")
+    # Requests are not connections: one keep-alive connection carries any number of them.
+    for n in range(3):
+        async with h.session.post(f"{h.url}/alice/x", data=str(n).encode(), headers=ALICE) as post:
+            assert post.status == 202
+    assert h.metrics.connections_total[Protocol.HTTP] == 2
 
 
 # -- TLS ------------------------------------------------------------------------------------------

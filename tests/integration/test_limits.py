@@ -186,6 +186,9 @@ def test_subscription_cap_answers_0x80_for_extra_filters(start_gateway: Any, roo
         assert client.next_message().payload == b"still served"
     finally:
         client.disconnect()
+    metrics = http_get("127.0.0.1", gw.port("health"), "/metrics")[1]
+    assert ('polygate_limit_refusals_total{listener="server.tcp.plain",reason="max_subscriptions_per_client",'
+            'what="subscription"} 2.0') in metrics
 
 
 def test_handshake_timeout_closes_a_silent_socket(start_gateway: Any) -> None:

@@ -290,3 +290,50 @@ def test_self_signed_serves_on_every_protocol(
         pinned = tmp_path / f"pinned-{kind}.pem"
         pinned.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         assert CLIENTS[kind](port, ClientTLS(pinned), root_password), kind
+
+
+def test_handshakes_are_limited_bounded_counted_and_logged(
+    pki: Path, start_gateway: Callable[..., GatewayThread], tmp_path: Path, root_password: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A socket in its TLS handshake counts against the per-IP cap, is closed after handshake_timeout,
+    and a failed handshake is one WARNING with the peer and OpenSSL's reason, and a metric."""
+    server = {"tcp": {"mtls": {"addr": "127.0.0.1:0", **files(pki), "ca_file": str(pki / "ca.pem")}}}
+    with caplog.at_level(logging.WARNING, logger="polygate.state"):
+        gw = start_gateway(loopback_config(tmp_path, server=server,
+                                           limits={"handshake_timeout": "500ms", "max_connections_per_ip": 2}))
+        assert gw.gateway is not None
+        port = gw.gateway.bound("tcp")[-1][1]
+        trusted = ClientTLS(pki / "ca.pem")
+
+        for _ in range(3):  # no certificate: refused in the handshake
+            assert not mqtt_tcp(port, trusted, root_password)
+        failures = [r for r in caplog.records if "TLS handshake failed: peer did not return a certificate" in r.getMessage()]
+        assert len(failures) == 1, "one line per interval, not one per handshake"
+        assert "server.tcp.mtls refused a connection from 127.0.0.1:" in failures[0].getMessage()
+        metrics = gw.call(lambda: gw.gateway.metrics.render().decode())  # type: ignore[union-attr]
+        assert 'polygate_connections_refused_total{listener="server.tcp.mtls",protocol="mqtt",reason="tls_handshake"} 3.0' in metrics
+
+        # Two silent sockets hold the source's two slots while they handshake...
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.9", 0)) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while gw.call(lambda: gw.gateway.state.connections_from("127.0.0.9")) != 2:  # type: ignore[union-attr]
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.9", 0)) as third:
+                assert third.recv(10) == b"", "a third socket from the source got past max_connections_per_ip"
+            # ...and the handshake timeout closes them.
+            started = time.monotonic()
+            for sock in silent:
+                assert sock.recv(10) == b""
+            assert time.monotonic() - started < 3
+        finally:
+            for sock in silent:
+                sock.close()
+        deadline = time.monotonic() + DEADLINE
+        while "TLS handshake not complete within limits.handshake_timeout" not in caplog.text:
+            assert time.monotonic() < deadline, "a handshake timeout was not logged"
+            time.sleep(0.01)
+        # Another source is served all along, and with a certificate the first source is too, again.
+        assert mqtt_tcp(port, replace(trusted, cert_dir=pki), root_password)

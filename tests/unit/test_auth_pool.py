@@ -315,3 +315,35 @@ async def test_unknown_users_and_rehashed_users_use_the_configured_parameters(tm
         assert checker.verifications == 6
     finally:
         checker.shutdown()
+
+
+async def test_a_rehash_is_stored_unless_the_password_changed_meanwhile(tmp_path: Any) -> None:
+    store = LocalStore(str(tmp_path / "auth.db"))
+    store.add_user("alice", Secret("pw"))
+    store.add_user("bob", Secret("pw"))
+    revision = store.revision()
+
+    changed = []
+
+    async def persist(username: str, old: str, new: str) -> bool:
+        if username == "bob" and not changed:  # an operator changes bob's password while he logs in
+            changed.append(store.set_password("bob", Secret("new")))
+        return store.replace_password_hash(username, old, new)
+
+    checker = PasswordChecker(FAST_ARGON2, max_wait=5, workers=1, persist=persist)
+    try:
+        await checker.start()
+        for name in ("alice", "bob"):
+            stored = store.get_user(name)
+            assert stored is not None
+            assert await checker.check(name, stored.password_hash, Secret("pw"), peer="10.0.0.1:1")
+        alice, bob = store.get_user("alice"), store.get_user("bob")
+        assert alice is not None and alice.password_hash.startswith("$argon2id$v=19$m=8,t=1,p=1$")
+        assert bob is not None and not await checker.check("bob", bob.password_hash, Secret("pw"), peer="10.0.0.1:1")
+        assert await checker.check("bob", bob.password_hash, Secret("new"), peer="10.0.0.1:1")
+        assert checker.rehashes_stored == 2  # alice's, then bob's new password's
+        # The re-hash alone is no change of rights: no reload of every gateway's view.
+        assert store.revision() == revision + 1  # bob's new password only
+    finally:
+        checker.shutdown()
+        store.close()

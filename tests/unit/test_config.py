@@ -814,9 +814,27 @@ def test_listener_tls_errors_name_the_key(all_kinds: None, pem_files: dict[str, 
     )
 
 
+_NO_DTLS = (
+    "aiocoap's DTLS server side takes pre-shared keys only and is experimental; terminate DTLS in "
+    "front of the gateway (a DTLS proxy) and forward plain CoAP to a `plain` listener"
+)
+
+
+def test_coap_dtls_is_refused_with_the_reason() -> None:
+    dtls = {"addr": ":5684", "cert_file": "server.pem", "key_file": "server-key.pem"}
+    assert problems_of({"server": only_tcp(coap={"plain": {"addr": ":0"}, "dtls": dtls})}) == (
+        f"server.coap.dtls: CoAP over DTLS is not supported: {_NO_DTLS}",
+    )
+
+
 def test_coap_takes_no_tls_block() -> None:
-    assert problems_of({"server": only_tcp(coap={"tls": {"addr": ":0", "self_signed": True}})}) == (
-        "server.coap.tls: unknown key",
+    assert problems_of({"server": only_tcp(coap={"tls": {"addr": ":0", "self_signed": True}, "mtls": None})}) == (
+        f"server.coap.tls: CoAP runs over UDP, where TLS does not apply, and CoAP over DTLS is not supported: {_NO_DTLS}",
+        f"server.coap.mtls: CoAP runs over UDP, where TLS does not apply, and CoAP over DTLS is not supported: {_NO_DTLS}",
+    )
+    # Any other unknown block is still just that.
+    assert problems_of({"server": only_tcp(coap={"plian": {"addr": ":0"}})}) == (
+        "server.coap.plian: unknown key (did you mean 'plain'?)",
     )
 
 

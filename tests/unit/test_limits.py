@@ -78,6 +78,22 @@ async def test_refusal_log_is_one_line_per_interval(caplog: pytest.LogCaptureFix
     assert getattr(lines[1], "count") == 499
 
 
+def test_subscription_and_upload_refusals_are_metrics() -> None:
+    state = GatewayState()
+    for _ in range(3):
+        state.note_refused("server.tcp.plain", "max_subscriptions_per_client", "10.0.0.1:1")
+    state.note_refused("server.coap.plain", "uploads_per_ip", "10.0.0.2:1")
+    state.note_refused("server.tcp.plain", "rate_limited", "10.0.0.3:1")  # a connection: the frontend counts it
+    samples = {
+        (s.labels["listener"], s.labels["what"], s.labels["reason"]): s.value
+        for family in state.collect_metrics() for s in family.samples
+    }
+    assert samples == {
+        ("server.tcp.plain", "subscription", "max_subscriptions_per_client"): 3,
+        ("server.coap.plain", "block-wise upload", "uploads_per_ip"): 1,
+    }
+
+
 def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     passed: list[dict[str, Any]] = []
