@@ -1,4 +1,4 @@
-"""MQTT 3.1.1 wire format: packets, a sans-IO decoder and encoders."""
+"""MQTT 3.1.1 and 5 without I/O: packets, properties, reason codes, a codec, and the server connection core."""
 
 from gateway.mqtt.codec import (
     DISCONNECT_BYTES,
@@ -11,9 +11,11 @@ from gateway.mqtt.codec import (
     encode_connack,
     encode_connect,
     encode_packet_id,
+    encode_packet_id5,
     encode_puback,
     encode_pubcomp,
     encode_publish,
+    encode_publish5,
     encode_publish_head,
     encode_pubrec,
     encode_pubrel,
@@ -24,6 +26,7 @@ from gateway.mqtt.codec import (
     encode_unsuback,
     encode_unsubscribe,
 )
+from gateway.mqtt.connection import NEED_DATA, ServerConnection, State
 from gateway.mqtt.packets import (
     CONNACK_ACCEPTED,
     CONNACK_BAD_USERNAME_OR_PASSWORD,
@@ -33,7 +36,9 @@ from gateway.mqtt.packets import (
     CONNACK_UNACCEPTABLE_PROTOCOL_VERSION,
     MAX_PACKET_ID,
     MAX_REMAINING_LENGTH,
+    QOS_OPTIONS,
     SUBACK_FAILURE,
+    Auth,
     Connack,
     Connect,
     Disconnect,
@@ -48,10 +53,12 @@ from gateway.mqtt.packets import (
     Pubrel,
     Suback,
     Subscribe,
+    SubscriptionOptions,
     Unsuback,
     Unsubscribe,
     Will,
 )
+from gateway.mqtt.properties import EMPTY, Properties, PropertyId
 
 __all__ = [
     "CONNACK_ACCEPTED",
@@ -61,11 +68,15 @@ __all__ = [
     "CONNACK_SERVER_UNAVAILABLE",
     "CONNACK_UNACCEPTABLE_PROTOCOL_VERSION",
     "DISCONNECT_BYTES",
+    "EMPTY",
     "MAX_PACKET_ID",
     "MAX_REMAINING_LENGTH",
+    "NEED_DATA",
     "PINGREQ_BYTES",
     "PINGRESP_BYTES",
+    "QOS_OPTIONS",
     "SUBACK_FAILURE",
+    "Auth",
     "Connack",
     "Connect",
     "Disconnect",
@@ -74,14 +85,19 @@ __all__ = [
     "Packet",
     "Pingreq",
     "Pingresp",
+    "Properties",
+    "PropertyId",
     "Puback",
     "Pubcomp",
     "Publish",
     "PublishTemplate",
     "Pubrec",
     "Pubrel",
+    "ServerConnection",
+    "State",
     "Suback",
     "Subscribe",
+    "SubscriptionOptions",
     "Unsuback",
     "Unsubscribe",
     "Will",
@@ -90,9 +106,11 @@ __all__ = [
     "encode_connack",
     "encode_connect",
     "encode_packet_id",
+    "encode_packet_id5",
     "encode_puback",
     "encode_pubcomp",
     "encode_publish",
+    "encode_publish5",
     "encode_publish_head",
     "encode_pubrec",
     "encode_pubrel",

@@ -136,6 +136,10 @@ class Session:
 
     # The router compares subscribers by identity; keep the default object hash/eq.
 
+    def set_window(self, max_inflight: int) -> None:
+        """QoS 1/2 deliveries in flight at once, for the connection attached now (an MQTT 5 receive maximum)."""
+        self._max_inflight = max(1, max_inflight)
+
     def deliver(self, message: Message, qos: int, retain: bool, publisher: Publisher) -> int:
         output = self.output
         queue = self.queue

@@ -20,6 +20,7 @@ from gateway.mqtt import (
     Pubcomp,
     Publish,
     PublishTemplate,
+    QOS_OPTIONS,
     Pubrec,
     Pubrel,
     Suback,
@@ -81,7 +82,7 @@ def connects(draw: st.DrawFn) -> Connect:
 @st.composite
 def connacks(draw: st.DrawFn) -> Connack:
     code = draw(st.integers(0, 255))
-    return Connack(session_present=draw(st.booleans()) and code == 0, return_code=code)
+    return Connack(session_present=draw(st.booleans()) and code == 0, reason_code=code)
 
 
 packets: st.SearchStrategy[Packet] = st.one_of(
@@ -95,12 +96,12 @@ packets: st.SearchStrategy[Packet] = st.one_of(
     st.builds(
         Subscribe,
         packet_id=packet_ids,
-        topics=st.lists(st.tuples(strings, qos_levels), min_size=1, max_size=5).map(tuple),
+        topics=st.lists(st.tuples(strings, qos_levels.map(QOS_OPTIONS.__getitem__)), min_size=1, max_size=5).map(tuple),
     ),
     st.builds(
         Suback,
         packet_id=packet_ids,
-        return_codes=st.lists(st.sampled_from((0, 1, 2, SUBACK_FAILURE)), min_size=1, max_size=5).map(tuple),
+        reason_codes=st.lists(st.sampled_from((0, 1, 2, SUBACK_FAILURE)), min_size=1, max_size=5).map(tuple),
     ),
     st.builds(Unsubscribe, packet_id=packet_ids, topics=st.lists(strings, min_size=1, max_size=5).map(tuple)),
     st.builds(Unsuback, packet_ids),
