@@ -104,6 +104,18 @@ class Atom:
         return list(self.read(lambda d: [r.request for r in d.recorded("Check") if r.request.action == action]))
 
 
+def running_atom(data: AtomData) -> Iterator[Atom]:
+    """A fake Atom serving `data` on its own loop thread, for a fixture to yield and then stop."""
+    thread = ServiceThread()
+    service = Atom(data, FakeAtom(data), thread)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        thread.close()
+
+
 @pytest.fixture
 def token_env(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(TOKEN_ENV, SERVICE_TOKEN)
@@ -112,13 +124,7 @@ def token_env(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def atom(token_env: str) -> Iterator[Atom]:
-    thread = ServiceThread()
-    data = atom_data()
-    service = Atom(data, FakeAtom(data), thread)
-    service.start()
-    yield service
-    service.stop()
-    thread.close()
+    yield from running_atom(atom_data())
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from gateway import certs
 from gateway.errors import ProviderUnavailable
 from gateway.events import Action, AuthEvent, Identity, Outcome, Protocol, Secret
 from gateway.frontends.peers import PeerCertificate, certificate_details
-from tests.callout_doubles import ServiceThread
 from tests.conftest import loopback_config
 from tests.fake_atom import AtomData, FakeAtom
 from tests.gateway_thread import GatewayThread
@@ -52,6 +51,7 @@ from tests.integration.test_atom import (
     Atom,
     atom_data,
     make_provider,
+    running_atom,
 )
 from tests.paho_client import PahoClient
 from tests.unit.test_certificate_details import der_serial_hex
@@ -115,13 +115,7 @@ def cert_atom_data(pki: Pki) -> AtomData:
 @pytest.fixture
 def atom(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Iterator[Atom]:
     monkeypatch.setenv(TOKEN_ENV, SERVICE_TOKEN)
-    thread = ServiceThread()
-    data = cert_atom_data(pki)
-    service = Atom(data, FakeAtom(data), thread)
-    service.start()
-    yield service
-    service.stop()
-    thread.close()
+    yield from running_atom(cert_atom_data(pki))
 
 
 @pytest.fixture

@@ -77,6 +77,22 @@ def wait_until(check: Any, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def take_all_descriptors_but_the_reserve(socks: list[socket.socket], port: int, health_port: int, per_source: int) -> None:
+    """More sources flood `port` until the descriptor reserve refuses; /health still answers then."""
+    for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"):
+        socks += flood(source, port, per_source)
+    wait_until(lambda: refused(http_get("127.0.0.2", health_port, "/metrics")[1], "fd_reserve") >= 1)
+    assert http_get("127.0.0.2", health_port, "/health")[0] == 200
+
+
+def assert_refusals_logged_per_interval(gw: GatewayProcess) -> None:
+    """Refusals are logged once per interval and reason with a count, never once per connection."""
+    records = [json.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
+    refusals = [r for r in records if r.get("event") == "connection_refused"]
+    assert 1 <= len(refusals) <= 4, refusals
+    assert not any("Traceback" in line for line in gw.lines)
+
+
 def paho_connect(port: int, password: str, source: str) -> int:
     """CONNACK code of a paho connect from `source` (-1: no CONNACK)."""
     answers: queue.Queue[int] = queue.Queue()
@@ -123,17 +139,9 @@ def test_a_flood_from_one_ip_leaves_room_for_others_and_health(
         wait_until(lambda: refused(http_get("127.0.0.2", health_port, "/metrics")[1], "max_connections_per_ip") >= 1000)
         # A raw CONNECT: paho's select() cannot take a descriptor above 1,024, and this process holds 1,100.
         assert raw_connect(mqtt_port, root_password, "127.0.0.2") == 0
-        # More sources until every descriptor but the reserve is taken: /health still answers.
-        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"):
-            socks += flood(source, mqtt_port, 60)
-        wait_until(lambda: refused(http_get("127.0.0.2", health_port, "/metrics")[1], "fd_reserve") >= 1)
-        assert http_get("127.0.0.2", health_port, "/health")[0] == 200
+        take_all_descriptors_but_the_reserve(socks, mqtt_port, health_port, per_source=60)
         assert http_get("127.0.0.2", health_port, "/ready")[0] == 200
-        # Refusals are logged once per interval with a count, never once per connection.
-        records = [json.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
-        refusals = [r for r in records if r.get("event") == "connection_refused"]
-        assert 1 <= len(refusals) <= 4, refusals
-        assert not any("Traceback" in line for line in gw.lines)
+        assert_refusals_logged_per_interval(gw)
     finally:
         for sock in socks:
             sock.close()

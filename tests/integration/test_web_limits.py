@@ -27,7 +27,16 @@ from gateway.events import Protocol
 from tests.conftest import ROOT_USER, loopback_config
 from tests.gateway_process import GatewayProcess
 from tests.gateway_thread import GatewayThread
-from tests.integration.test_limits import NOFILE, closed_without_answer, flood, http_get, refused, wait_until
+from tests.integration.test_limits import (
+    NOFILE,
+    assert_refusals_logged_per_interval,
+    closed_without_answer,
+    flood,
+    http_get,
+    refused,
+    take_all_descriptors_but_the_reserve,
+    wait_until,
+)
 from tests.integration.test_websocket import connect_packet
 
 StartGateway = Callable[..., GatewayThread]
@@ -207,16 +216,8 @@ def test_a_flood_of_http_sockets_from_one_ip_is_capped_and_health_answers(
         wait_until(lambda: refused(http_get("127.0.0.2", health_port, "/metrics")[1], "max_connections_per_ip") >= 1000)
         # Another source is served (GET of a topic: 405, an answer all the same).
         assert http_get("127.0.0.2", http_port, "/t")[0] == 405
-        # More sources until every descriptor but the reserve is taken: /health still answers.
-        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"):
-            socks += flood(source, http_port, 40)
-        wait_until(lambda: refused(http_get("127.0.0.2", health_port, "/metrics")[1], "fd_reserve") >= 1)
-        assert http_get("127.0.0.2", health_port, "/health")[0] == 200
-        records = [json.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
-        refusals = [r for r in records if r.get("event") == "connection_refused"]
-        # Once per interval and reason, never once per connection.
-        assert 1 <= len(refusals) <= 4, refusals
-        assert not any("Traceback" in line for line in gw.lines)
+        take_all_descriptors_but_the_reserve(socks, http_port, health_port, per_source=40)
+        assert_refusals_logged_per_interval(gw)
     finally:
         for sock in socks:
             sock.close()
